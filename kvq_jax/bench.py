@@ -1,0 +1,74 @@
+"""Throughput benchmark: prefill an N-token context, then time M decode steps (after a warm-up)."""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kvq_jax.attention import resolve_impl
+from kvq_jax.cache import init_cache
+from kvq_jax.errors import KvqError
+from kvq_jax.evaluate import bf16_bytes, kv_name
+from kvq_jax.model import Transformer
+from kvq_jax.plan import DenseKV, KVPlan
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl"))
+def _prefill(graphdef, state, tokens, cache, *, impl: str):
+    logits, cache = nnx.merge(graphdef, state)(tokens, cache, attention_impl=impl, last_only=True)
+    return jnp.argmax(logits, -1).astype(jnp.int32), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "impl"))
+def _decode(graphdef, state, tok, cache, *, steps: int, impl: str):
+    model = nnx.merge(graphdef, state)
+
+    def step(carry, _):
+        tok, cache = carry
+        logits, cache = model(tok[:, None], cache, attention_impl=impl, last_only=True)
+        tok = jnp.argmax(logits, -1).astype(jnp.int32)
+        return (tok, cache), tok
+
+    (tok, cache), toks = jax.lax.scan(step, (tok, cache), None, length=steps)
+    return toks, cache
+
+
+def bench(model: Transformer, *, batch: int = 1, context: int = 512, new_tokens: int = 64,
+          kv: KVPlan | DenseKV = DenseKV("float32"), attention_impl: str = "auto", seed: int = 0,
+          tokens: np.ndarray | None = None) -> dict[str, Any]:
+    """Times prefill of `[batch, context]` tokens (random unless given) and `new_tokens` decode steps."""
+    cfg = model.cfg
+    if batch < 1 or context < 1 or new_tokens < 1:
+        raise KvqError(f"--batch, --context and --new-tokens must be >= 1 (got {batch}, {context}, {new_tokens})")
+    capacity = context + new_tokens
+    if capacity > cfg.max_seq_len:
+        raise KvqError(f"--context + --new-tokens = {capacity} exceeds the model's context of {cfg.max_seq_len}")
+    impl = resolve_impl(attention_impl)
+    if tokens is None:
+        tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, context), dtype=np.int32)
+    toks = jnp.asarray(tokens)
+    graphdef, state = nnx.split(model)
+    cache = init_cache(cfg, kv, batch, capacity, model.embed.get_value().dtype)
+    pre = _prefill.lower(graphdef, state, toks, cache, impl=impl).compile()
+    t0 = time.perf_counter()
+    tok, cache = jax.block_until_ready(pre(state, toks, cache))
+    t_prefill = time.perf_counter() - t0
+    dec = _decode.lower(graphdef, state, tok, cache, steps=new_tokens, impl=impl).compile()
+    jax.block_until_ready(dec(state, tok, cache))  # warm-up
+    t0 = time.perf_counter()
+    _, end = jax.block_until_ready(dec(state, tok, cache))
+    t_decode = time.perf_counter() - t0
+    return {
+        "model": cfg.name, "kv": kv_name(kv), "attention": impl, "backend": jax.default_backend(),
+        "batch": batch, "context": context, "new_tokens": new_tokens,
+        "prefill_s": t_prefill, "prefill_tokens_per_s": batch * context / t_prefill,
+        "decode_s": t_decode, "decode_ms_per_step": 1e3 * t_decode / new_tokens,
+        "decode_tokens_per_s": batch * new_tokens / t_decode,
+        "kv_cache_bytes": end.nbytes(), "kv_cache_bytes_bf16": bf16_bytes(model, batch, capacity),
+    }

@@ -1,0 +1,259 @@
+"""`kvq-jax` command line: generate, eval, bench, analyze.
+
+Every user error prints one line on stderr and exits with status 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from kvq_jax.errors import KvqError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        raise KvqError(message)
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _finite_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return v
+
+
+def _common(p: argparse.ArgumentParser, kv: bool = True) -> None:
+    p.add_argument("--model", help="GGUF file or HF directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    if kv:
+        p.add_argument("--kv", default="fp", help="fp | bf16 | K<b>V<b> (e.g. K4V2, K1.58V2) | plan JSON file")
+        p.add_argument("--key-axis", choices=("token", "channel"))
+        p.add_argument("--value-axis", choices=("token", "channel"))
+        p.add_argument("--group-k", type=_positive_int)
+        p.add_argument("--group-v", type=_positive_int)
+        p.add_argument("--residual", type=int, help="recent tokens kept in full precision (default 128)")
+        p.add_argument("--sink", type=int, help="first tokens kept in full precision (default 4)")
+        p.add_argument("--rotate", choices=("none", "hadamard"))
+        p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas", "pallas_interpret"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="kvq-jax", description="Mixed-precision quantized KV caches for JAX LLM inference.")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="answer a prompt")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    g.add_argument("--temperature", type=_finite_float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=_finite_float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, no chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    _common(g)
+
+    e = sub.add_parser("eval", help="perplexity (and KL / top-1 vs the fp cache with --kv)")
+    e.add_argument("--text", required=True, help="UTF-8 text file")
+    e.add_argument("--context", type=_positive_int, default=512)
+    e.add_argument("--windows", type=_positive_int, default=6)
+    e.add_argument("--prefill", type=_positive_int, default=64)
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--no-progress", action="store_true")
+    _common(e)
+
+    b = sub.add_parser("bench", help="prefill and decode throughput, cache bytes")
+    b.add_argument("--batch", type=_positive_int, default=1)
+    b.add_argument("--context", type=_positive_int, default=512)
+    b.add_argument("--new-tokens", type=_positive_int, default=64)
+    b.add_argument("--text", help="take the context from this text file instead of random tokens")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", action="store_true")
+    _common(b)
+
+    a = sub.add_parser("analyze", help="K/V norm analysis and budgeted bit allocation → plan JSON")
+    a.add_argument("--calib", required=True, help="calibration text file")
+    a.add_argument("--windows", type=_positive_int, default=8)
+    a.add_argument("--context", type=_positive_int, default=512)
+    a.add_argument("--budget", type=_finite_float, default=3.0, help="average data bits per K/V element")
+    a.add_argument("--bits", default="1,1.58,2,3,4,6,8", help="allowed widths, comma separated")
+    a.add_argument("--method", default="sensitivity", choices=("norm", "weight-norm", "sensitivity"))
+    a.add_argument("--norm", default="fro", choices=("fro", "spec"), help="norm used by --method norm")
+    a.add_argument("--count-overhead", action="store_true", help="count scale/zero bits in the budget")
+    a.add_argument("--stats", help="reuse (or write) the statistics file (.npz)")
+    a.add_argument("--out", required=True, help="plan JSON to write")
+    a.add_argument("--report", help="directory for figures and report.md")
+    a.add_argument("--no-progress", action="store_true")
+    _common(a, kv=False)
+    a.add_argument("--key-axis", default="channel", choices=("token", "channel"))
+    a.add_argument("--value-axis", default="token", choices=("token", "channel"))
+    a.add_argument("--group-k", type=_positive_int, default=64)
+    a.add_argument("--group-v", type=_positive_int, default=64)
+    return ap
+
+
+def _kv(args: argparse.Namespace, n_layers: int):
+    from kvq_jax.plan import parse_kv
+
+    for name in ("residual", "sink"):
+        v = getattr(args, name)
+        if v is not None and v < 0:
+            raise KvqError(f"--{name} must be >= 0, got {v}")
+    return parse_kv(args.kv, n_layers, key_axis=args.key_axis, value_axis=args.value_axis,
+                    group_k=args.group_k, group_v=args.group_v, residual=args.residual, sink=args.sink,
+                    rotate=args.rotate)
+
+
+def _read_text(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise KvqError(f"text file not found: {path}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise KvqError(f"text file is not UTF-8: {path}") from None
+
+
+def _load(args: argparse.Namespace):
+    from kvq_jax.loading import load
+
+    return load(args.model, dtype=args.dtype)
+
+
+def _print_json(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj, indent=None, sort_keys=False))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvq_jax.decode import generate
+    from kvq_jax.evaluate import kv_name
+    from kvq_jax.sampling import SamplerConfig
+
+    if not args.prompt.strip():
+        raise KvqError("empty prompt: give --prompt some text")
+    sampler = SamplerConfig(args.temperature, args.top_k, args.top_p)
+    model, tok = _load(args)
+    kv = _kv(args, model.cfg.n_layers)
+    text = args.prompt if args.no_chat else tok.chat_prompt(args.prompt)
+    ids = tok.encode(text, add_bos=False)
+    emitted: list[int] = []
+    printed = [0]
+
+    def stream(toks, emit) -> None:
+        if bool(emit[0]):
+            emitted.append(int(toks[0]))
+            s = tok.decode(emitted)
+            if not s.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(s[printed[0]:])
+                sys.stdout.flush()
+                printed[0] = len(s)
+
+    res = generate(model, [ids], max_new_tokens=args.max_new_tokens, kv=kv, sampler=sampler,
+                   seed=args.seed, attention_impl=args.attention, stream=None if args.json else stream)
+    reply = tok.decode(res.tokens[0])
+    if args.json:
+        _print_json({"model": model.cfg.name, "kv": kv_name(kv), "prompt": args.prompt, "reply": reply,
+                     "new_tokens": len(res.tokens[0]), "stopped_at_eos": res.stopped_at_eos[0]})
+    else:
+        sys.stdout.write(reply[printed[0]:] + "\n")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kvq_jax.evaluate import evaluate
+
+    text = _read_text(args.text)
+    model, tok = _load(args)
+    kv = _kv(args, model.cfg.n_layers)
+    res = evaluate(model, tok, text, context=args.context, windows=args.windows, kv=kv,
+                   prefill=args.prefill, attention_impl=args.attention, progress=not args.no_progress)
+    if args.json:
+        _print_json(res)
+    else:
+        for k, v in res.items():
+            print(f"{k:>22}: {v}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from kvq_jax.bench import bench
+
+    model, tok = _load(args)
+    kv = _kv(args, model.cfg.n_layers)
+    tokens = None
+    if args.text:
+        ids = tok.encode(_read_text(args.text))
+        need = args.batch * args.context
+        if len(ids) < need:
+            raise KvqError(f"--text has {len(ids)} tokens, the benchmark needs {need}")
+        tokens = np.asarray(ids[:need], np.int32).reshape(args.batch, args.context)
+    res = bench(model, batch=args.batch, context=args.context, new_tokens=args.new_tokens, kv=kv,
+                attention_impl=args.attention, seed=args.seed, tokens=tokens)
+    if args.json:
+        _print_json(res)
+    else:
+        for k, v in res.items():
+            print(f"{k:>22}: {v}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from kvq_jax.analyze_cmd import run_analyze
+
+    return run_analyze(args, _read_text, _load)
+
+
+def _enable_compile_cache() -> None:
+    """Persistent XLA cache so a second CLI run skips compilation (opt out: KVQ_JAX_NO_XLA_CACHE=1)."""
+    if os.environ.get("KVQ_JAX_NO_XLA_CACHE"):
+        return
+    import jax
+
+    root = Path(os.environ.get("KVQ_JAX_CACHE", Path.home() / ".cache" / "kvq_jax")) / "xla"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(root))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    except (OSError, AttributeError):
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        _enable_compile_cache()
+        return {"generate": cmd_generate, "eval": cmd_eval, "bench": cmd_bench,
+                "analyze": cmd_analyze}[args.cmd](args)
+    except KvqError as e:
+        print(f"kvq-jax: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvq-jax: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("kvq-jax: error: out of memory (try a smaller --batch or --context)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

