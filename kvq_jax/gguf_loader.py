@@ -1,0 +1,189 @@
+"""GGUF file -> (ModelConfig, canonical numpy params, Tokenizer). Quantized tensors are dequantized."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader, GGUFValueType
+from gguf.quants import dequantize
+
+from kvq_jax.config import ModelConfig
+from kvq_jax.errors import KvqError
+from kvq_jax.tokenizer import Tokenizer
+
+SUPPORTED_TYPES = frozenset(
+    {QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K}
+)
+
+# canonical per-layer name -> (GGUF name, transpose for `x @ w`)
+_LAYER_TENSORS = {
+    "attn_norm": ("attn_norm.weight", False),
+    "wq": ("attn_q.weight", True),
+    "wk": ("attn_k.weight", True),
+    "wv": ("attn_v.weight", True),
+    "wo": ("attn_output.weight", True),
+    "mlp_norm": ("ffn_norm.weight", False),
+    "w_gate": ("ffn_gate.weight", True),
+    "w_up": ("ffn_up.weight", True),
+    "w_down": ("ffn_down.weight", True),
+}
+_LAYER_BIASES = {"bq": "attn_q.bias", "bk": "attn_k.bias", "bv": "attn_v.bias"}
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFReader:
+    """Opens a GGUF file; every failure becomes a one-line KvqError."""
+    p = Path(path)
+    if not p.is_file():
+        raise KvqError(f"model file not found: {p}")
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise KvqError(f"cannot read {p}: {e.strerror}") from None
+    if magic != b"GGUF":
+        raise KvqError(f"not a GGUF file: {p}")
+    try:
+        return GGUFReader(p)
+    except Exception as e:  # gguf raises ValueError/IndexError/... on truncated or corrupt files
+        raise KvqError(f"corrupt or truncated GGUF file {p}: {_one_line(e)}") from None
+
+
+def _field_value(field: Any) -> Any:
+    """A reader field as plain python (str, int, float, bool or list of them)."""
+    types = field.types
+    if not types:
+        return None
+
+    def scalar(part: np.ndarray, t: GGUFValueType) -> Any:
+        if t == GGUFValueType.STRING:
+            return bytes(part).decode("utf-8", errors="replace")
+        v = part.tolist()[0]
+        return bool(v) if t == GGUFValueType.BOOL else v
+
+    if types[0] == GGUFValueType.ARRAY:
+        sub = types[-1]
+        if sub == GGUFValueType.ARRAY:
+            return None  # nested arrays: not used by any key we read
+        if sub != GGUFValueType.STRING and field.data:
+            # Numeric arrays: contiguous parts, one ndarray per element; concatenate once.
+            vals = np.concatenate([field.parts[i] for i in field.data]).tolist()
+            return [bool(v) for v in vals] if sub == GGUFValueType.BOOL else vals
+        return [scalar(field.parts[i], sub) for i in field.data]
+    return scalar(field.parts[-1], types[0])
+
+
+def gguf_metadata(reader: GGUFReader) -> dict[str, Any]:
+    """All GGUF key/values as plain python values (the `GGUF.*` header pseudo-keys excluded)."""
+    try:
+        return {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    except Exception as e:
+        raise KvqError(f"corrupt GGUF metadata: {_one_line(e)}") from None
+
+
+def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undoes llama.cpp's Q/K row permutation ([out, ...] layout) back to HF rotate-half order."""
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise KvqError(f"cannot un-permute a tensor of {rows} rows for {n_head} heads")
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _dequant(t: Any) -> np.ndarray:
+    ttype = QT(t.tensor_type)
+    if ttype not in SUPPORTED_TYPES:
+        raise KvqError(f"unsupported GGUF tensor type {ttype.name} in {t.name}")
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    try:
+        if ttype == QT.F32:
+            w = np.asarray(t.data, dtype=np.float32)
+        elif ttype == QT.F16:
+            w = np.asarray(t.data).astype(np.float32)
+        else:
+            w = dequantize(t.data, ttype)
+        return w.reshape(shape)
+    except Exception as e:
+        raise KvqError(f"cannot decode GGUF tensor {t.name}: {_one_line(e)}") from None
+
+
+def load_gguf_params(
+    reader: GGUFReader, cfg: ModelConfig, dtype: Any = np.float32
+) -> dict[str, np.ndarray]:
+    """Dequantizes the GGUF tensors into the canonical parameter dict (see docs/architecture.md)."""
+    tensors = {t.name: t for t in reader.tensors}
+    dt = np.dtype(dtype)
+
+    def get(name: str, canon: str, shape: tuple[int, ...], transpose: bool,
+            n_rope_heads: int | None = None) -> np.ndarray:
+        if name not in tensors:
+            raise KvqError(f"GGUF file lacks tensor {name}")
+        w = _dequant(tensors[name])
+        # GGUF [out, in] rows are RoPE-permuted for llama; undo before transposing.
+        if n_rope_heads is not None:
+            w = _unpermute_rope(w, n_rope_heads)
+        if transpose:
+            w = w.T
+        if w.shape != shape:
+            raise KvqError(f"GGUF tensor {name} has shape {w.shape} for {canon}, expected {shape}")
+        return np.ascontiguousarray(w, dtype=dt)
+
+    c = cfg
+    q_out, kv_out = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    permuted = c.arch == "llama"  # qwen2 GGUFs use NeoX RoPE: stored in HF order
+    params = {
+        "embed": get("token_embd.weight", "embed", (c.vocab_size, c.dim), False),
+        "final_norm": get("output_norm.weight", "final_norm", (c.dim,), False),
+    }
+    if not c.tie_embeddings:
+        params["lm_head"] = get("output.weight", "lm_head", (c.vocab_size, c.dim), False)
+    shapes = {
+        "attn_norm": (c.dim,), "wq": (c.dim, q_out), "wk": (c.dim, kv_out), "wv": (c.dim, kv_out),
+        "wo": (q_out, c.dim), "mlp_norm": (c.dim,), "w_gate": (c.dim, c.hidden_dim),
+        "w_up": (c.dim, c.hidden_dim), "w_down": (c.hidden_dim, c.dim),
+    }
+    rope_heads = {"wq": c.n_heads, "wk": c.n_kv_heads, "bq": c.n_heads, "bk": c.n_kv_heads}
+    for i in range(c.n_layers):
+        for canon, (suffix, transpose) in _LAYER_TENSORS.items():
+            params[f"layers.{i}.{canon}"] = get(
+                f"blk.{i}.{suffix}", f"layers.{i}.{canon}", shapes[canon], transpose,
+                rope_heads.get(canon) if permuted else None,
+            )
+        if c.qkv_bias:
+            for canon, suffix in _LAYER_BIASES.items():
+                shape = (q_out,) if canon == "bq" else (kv_out,)
+                params[f"layers.{i}.{canon}"] = get(
+                    f"blk.{i}.{suffix}", f"layers.{i}.{canon}", shape, False,
+                    rope_heads.get(canon) if permuted else None,
+                )
+    return params
+
+
+def read_gguf(
+    path: str | os.PathLike, dtype: Any = np.float32
+) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
+    """Reads a GGUF model file: config from metadata, dequantized params, tokenizer."""
+    reader = open_gguf(path)
+    meta = gguf_metadata(reader)
+    names = {t.name for t in reader.tensors}
+    cfg = ModelConfig.from_gguf_metadata(
+        meta, has_output_weight="output.weight" in names,
+        name=str(meta.get("general.name") or Path(path).stem),
+    )
+    tok = Tokenizer.from_gguf_metadata(meta)
+    # The embedding decides the logits width (some files pad it beyond the token list).
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is not None and len(embd.shape) == 2 and int(embd.shape[1]) != cfg.vocab_size:
+        cfg = cfg.replace(vocab_size=int(embd.shape[1]))
+    eos = tuple(dict.fromkeys((*cfg.eos_ids, *tok.eos_ids)))
+    if eos != cfg.eos_ids:
+        cfg = cfg.replace(eos_ids=eos)
+    tok.eos_ids = eos  # one stop set for the model and the tokenizer
+    params = load_gguf_params(reader, cfg, dtype)
+    return cfg, params, tok
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
