@@ -1,0 +1,326 @@
+"""Budgeted greedy bit allocation over layers (or heads) for keys and values -> `KVPlan`.
+
+Every K and V tensor starts at the smallest allowed width; the greedy repeatedly takes the upgrade
+(from the current width to ANY larger allowed width) with the largest distortion reduction per added
+bit that still fits the budget, and stops when none fits or none reduces the distortion. Ties favour
+keys, then the lower layer (then head) index, then the smaller target width: fully deterministic.
+
+Distortion models (`method`):
+- "norm" (reference rule): e(b) = c * 2^(-2b), c = squared activation norm of the layer's K / V
+  (`norm` = "fro" or "spec"; per layer the per-head squares are summed, as distortion adds up).
+- "weight-norm": the same with c = squared norm of W_K / W_V (of the layer, or of the head's slice).
+- "sensitivity" (ours): the measured attention-output errors `k_attn_err` / `v_attn_err` used directly
+  at each width (they may be non-convex, hence upgrades to any larger width are considered). A 16-bit
+  width needs no measurement: it keeps the tensor dense, so its error is 0.
+
+Budget: the mean cost per cached K/V element over all layers' keys and values (every layer's K and
+V holds the same number of elements, so this is the mean over the 2L tensors). The cost of a width is
+its nominal value (1.58 counts 1.58), or with `count_overhead=True` `storage_bits + overhead_bits`
+(packing waste plus scales/zeros). Sink and recent-window tokens are full precision whatever the plan
+and are not counted. Costs are exact rationals (scaled to integers), so the budget is never exceeded
+by rounding; the budget itself is read as the simplest fraction within 1e-12 (relative) of the given
+float, so 2.3 means 23/10 and 16/6 means 8/3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from fractions import Fraction
+
+import numpy as np
+
+from kvq_jax.errors import KvqError
+from kvq_jax.plan import KVPlan, QuantSpec
+from kvq_jax.stats import KVStats, canonical_bits as _num
+
+METHODS = ("sensitivity", "norm", "weight-norm")
+NORMS = ("fro", "spec")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Allocation:
+    """Result of `allocate_detailed`.
+
+    plan: the KVPlan (one width per layer for K and one for V).
+    k_bits, v_bits [L]: the plan's widths.
+    k_bits_head, v_bits_head [L, H]: the per-head allocation when `per_head=True`, else None. The
+        cache stores one width per layer and K/V, so the plan takes, per layer, the largest allowed
+        width whose cost does not exceed the mean cost of that layer's heads (never over budget).
+    k_err, v_err [L]: predicted distortion of the allocation under the method's model (per-head
+        allocation: summed over the layer's heads). Units depend on the method.
+    spent: mean cost per element of the allocation (<= budget); plan_spent: same for the plan.
+    steps: number of greedy upgrades taken.
+    """
+
+    plan: KVPlan
+    method: str
+    budget: float
+    count_overhead: bool
+    bits: tuple[float, ...]
+    k_bits: np.ndarray
+    v_bits: np.ndarray
+    k_err: np.ndarray
+    v_err: np.ndarray
+    spent: float
+    plan_spent: float
+    steps: int
+    k_bits_head: np.ndarray | None = None
+    v_bits_head: np.ndarray | None = None
+
+    @property
+    def total_err(self) -> float:
+        return float(np.sum(self.k_err) + np.sum(self.v_err))
+
+
+def allocate(
+    stats: KVStats,
+    budget: float,
+    *,
+    method: str = "sensitivity",
+    bits: tuple[float, ...] | None = None,
+    norm: str = "fro",
+    count_overhead: bool = False,
+    key_axis: str = "channel",
+    value_axis: str = "token",
+    group_k: int = 64,
+    group_v: int = 64,
+    residual: int = 128,
+    sink: int = 4,
+    rotate: str = "none",
+    scale_dtype: str = "bfloat16",
+    per_head: bool = False,
+    model_name: str | None = None,
+) -> KVPlan:
+    """Allocate widths under `budget` and return only the plan (arguments: see `allocate_detailed`)."""
+    return allocate_detailed(
+        stats, budget, method=method, bits=bits, norm=norm, count_overhead=count_overhead,
+        key_axis=key_axis, value_axis=value_axis, group_k=group_k, group_v=group_v, residual=residual,
+        sink=sink, rotate=rotate, scale_dtype=scale_dtype, per_head=per_head, model_name=model_name,
+    ).plan
+
+
+def allocate_detailed(
+    stats: KVStats,
+    budget: float,
+    *,
+    method: str = "sensitivity",
+    bits: tuple[float, ...] | None = None,
+    norm: str = "fro",
+    count_overhead: bool = False,
+    key_axis: str = "channel",
+    value_axis: str = "token",
+    group_k: int = 64,
+    group_v: int = 64,
+    residual: int = 128,
+    sink: int = 4,
+    rotate: str = "none",
+    scale_dtype: str = "bfloat16",
+    per_head: bool = False,
+    model_name: str | None = None,
+) -> Allocation:
+    """Greedy rate-distortion allocation of K/V widths per layer (or per head) under `budget`.
+
+    budget: mean bits per cached K/V element (see module docstring). bits: allowed widths (default
+    `stats.bits`). Raises KvqError for an unknown method/norm, a width that is not allowed (or not
+    measured, for "sensitivity"), or a budget below the cheapest assignment.
+    """
+    if method not in METHODS:
+        raise KvqError(f"unknown allocation method {method!r} (choose from {', '.join(METHODS)})")
+    if norm not in NORMS:
+        raise KvqError(f"unknown norm {norm!r} (choose from {', '.join(NORMS)})")
+    try:
+        budget = float(budget)
+    except (TypeError, ValueError):
+        raise KvqError(f"budget must be a number, got {budget!r}") from None
+    if not math.isfinite(budget) or budget <= 0:
+        raise KvqError(f"budget must be a positive number of bits, got {budget}")
+    widths = _widths(stats, bits, method)
+    L = stats.n_layers
+
+    k_spec = [_spec(b, key_axis, group_k) for b in widths]
+    v_spec = [_spec(b, value_axis, group_v) for b in widths]
+    k_cost = [_cost(s, count_overhead, scale_dtype) for s in k_spec]
+    v_cost = [_cost(s, count_overhead, scale_dtype) for s in v_spec]
+    for costs in (k_cost, v_cost):
+        if any(b <= a for a, b in zip(costs, costs[1:])):
+            raise KvqError(f"width costs are not increasing: {[float(c) for c in costs]}")
+
+    k_e, v_e, k_c, v_c = _distortions(stats, method, norm, widths, per_head)  # [L(,H), nb] each
+    shape = k_e.shape[:-1]
+    n_half = int(np.prod(shape))
+    # item order: all keys (layer-major, then head), then all values -> ties favour keys, low index
+    dist = np.concatenate([k_e.reshape(n_half, -1), v_e.reshape(n_half, -1)])
+    frac = [k_cost] * n_half + [v_cost] * n_half
+
+    # exact integer costs (common denominator); the capacity is floored, so it is never exceeded
+    budget_q = _budget_fraction(budget)
+    denom = math.lcm(*(c.denominator for c in k_cost + v_cost))
+    cost = np.array([[int(c * denom) for c in row] for row in frac], dtype=object)
+    # more budget than the widest assignment needs changes nothing (and keeps the ints small)
+    capacity = min(math.floor(budget_q * denom * len(frac)), int(cost[:, -1].sum()))
+    if int(cost.max()) * len(frac) >= 2**62:
+        raise KvqError("width costs are too fine-grained to allocate exactly")
+    cost = cost.astype(np.int64)
+    cheapest = int(cost[:, 0].sum())
+    if cheapest > capacity:
+        least = cheapest / (denom * len(frac))
+        raise KvqError(f"budget {budget:g} bits is below the cheapest assignment "
+                       f"({least:.4g} bits: every K and V at {_num(widths[0])} bits)")
+
+    if method == "sensitivity":
+        ratio_scale, red = None, dist[:, :, None] - dist[:, None, :]  # [n, a, b] = e(a) - e(b)
+    else:
+        # e = c * 2^(-2b): ratio = c * k with k independent of c, so the ratio is monotone in c even
+        # under rounding (the "larger norm never gets fewer bits" property relies on it)
+        g = 2.0 ** (-2.0 * np.asarray(widths))
+        ratio_scale = np.concatenate([k_c.reshape(-1), v_c.reshape(-1)])
+        red = np.broadcast_to(g[:, None] - g[None, :], (len(frac),) + (len(widths),) * 2)
+    idx, spent, steps = _greedy(red, cost, capacity, ratio_scale)
+
+    wv = np.asarray([float(w) for w in widths])
+    chosen_err = np.take_along_axis(dist, idx[:, None], axis=1)[:, 0]
+    k_idx, v_idx = idx[:n_half].reshape(shape), idx[n_half:].reshape(shape)
+    k_err = chosen_err[:n_half].reshape(shape)
+    v_err = chosen_err[n_half:].reshape(shape)
+    k_bits_head = v_bits_head = None
+    if per_head:
+        k_bits_head, v_bits_head = wv[k_idx], wv[v_idx]
+        k_idx, v_idx = _layer_floor(k_idx, cost[0]), _layer_floor(v_idx, cost[n_half])
+        k_err, v_err = k_err.sum(axis=1), v_err.sum(axis=1)
+    plan_spent = (cost[0][k_idx].sum() + cost[n_half][v_idx].sum()) / (denom * 2 * L)
+    spent_f = spent / (denom * len(frac))
+
+    name = model_name if model_name is not None else stats.model_name
+    what = f"{method}" + (f"/{norm}" if method != "sensitivity" else "") + (" per-head" if per_head else "")
+    note = (f"allocate: method={what} budget={budget:g} bits/elt"
+            f"{' (storage+overhead)' if count_overhead else ' (nominal)'} spent={float(plan_spent):.4f}")
+    plan = KVPlan(
+        keys=tuple(k_spec[i] for i in k_idx), values=tuple(v_spec[i] for i in v_idx),
+        residual=residual, sink=sink, rotate=rotate, scale_dtype=scale_dtype,
+        model=name, model_layers=L, note=note)
+    return Allocation(
+        plan=plan, method=method, budget=budget, count_overhead=count_overhead,
+        bits=tuple(_num(w) for w in widths), k_bits=wv[k_idx], v_bits=wv[v_idx],
+        k_err=k_err, v_err=v_err, spent=float(spent_f), plan_spent=float(plan_spent), steps=steps,
+        k_bits_head=k_bits_head, v_bits_head=v_bits_head)
+
+
+def _greedy(red: np.ndarray, cost: np.ndarray, capacity: int,
+            scale: np.ndarray | None) -> tuple[np.ndarray, int, int]:
+    """The greedy loop.
+
+    red [n, nb, nb]: distortion reduction from width a to width b (only b > a is used);
+    cost [n, nb] int64 (scaled); capacity: total scaled cost allowed; scale [n] or None: per-item
+    factor applied to the ratio (norm methods). Returns (width index [n], spent, steps).
+    """
+    n, nb = cost.shape
+    rows = np.arange(n)
+    dcost = cost[:, None, :] - cost[:, :, None]  # [n, a, b] = cost(b) - cost(a)
+    upper = np.triu(np.ones((nb, nb), dtype=bool), k=1)[None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(upper, red / np.where(upper, dcost, 1), -np.inf)
+    if scale is not None:
+        ratio = np.where(upper, scale[:, None, None] * ratio, -np.inf)
+    cur = np.zeros(n, dtype=np.int64)
+    spent = int(cost[:, 0].sum())
+    steps = 0
+    while True:
+        r = ratio[rows, cur]  # [n, nb]
+        fits = dcost[rows, cur] <= capacity - spent
+        r = np.where(fits & (r > 0), r, -np.inf)
+        flat = int(np.argmax(r))  # first maximum in (item, width) order -> deterministic ties
+        i, j = divmod(flat, nb)
+        if not r[i, j] > 0:
+            break
+        spent += int(dcost[i, cur[i], j])
+        cur[i] = j
+        steps += 1
+    return cur, spent, steps
+
+
+def _layer_floor(head_idx: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """[L, H] per-head width indices -> [L]: the largest width costing <= the heads' mean cost."""
+    H = head_idx.shape[1]
+    total = cost[head_idx].sum(axis=1)  # [L]
+    return np.array([int(np.flatnonzero(cost * H <= t).max()) for t in total], dtype=np.int64)
+
+
+def _distortions(stats: KVStats, method: str, norm: str, widths: tuple[float, ...],
+                 per_head: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Distortion of K and V at each width, [L, nb] each (or [L, H, nb] with per_head), and for
+    the norm methods the factors c of e = c * 2^(-2b), [L] (or [L, H]); None for "sensitivity"."""
+    w = np.asarray([float(b) for b in widths])
+    if method == "sensitivity":
+        if per_head:
+            if stats.k_attn_err_head is None or stats.v_attn_err_head is None:
+                raise KvqError("per-head sensitivity allocation needs k/v_attn_err_head in the stats")
+            ke, ve = stats.k_attn_err_head, stats.v_attn_err_head
+        else:
+            ke, ve = stats.k_attn_err, stats.v_attn_err
+        out = []
+        for e in (ke, ve):
+            cols = []
+            for b in widths:
+                j = stats.bit_index(b)
+                cols.append(np.zeros(e.shape[:-1]) if j is None else e[..., j])  # only 16 unmeasured
+            out.append(np.stack(cols, axis=-1))
+        return out[0], out[1], None, None
+    if method == "norm":
+        kn, vn = (stats.k_fro, stats.v_fro) if norm == "fro" else (stats.k_spec, stats.v_spec)
+    else:
+        if per_head:
+            kn, vn = (stats.wk_fro, stats.wv_fro) if norm == "fro" else (stats.wk_spec, stats.wv_spec)
+        else:
+            kn, vn = ((stats.wk_fro_layer, stats.wv_fro_layer) if norm == "fro"
+                      else (stats.wk_spec_layer, stats.wv_spec_layer))
+    kc, vc = np.square(kn), np.square(vn)
+    if method == "norm" and not per_head:
+        kc, vc = kc.sum(axis=1), vc.sum(axis=1)  # distortion adds up over heads
+    g = 2.0 ** (-2.0 * w)
+    return kc[..., None] * g, vc[..., None] * g, kc, vc
+
+
+def _widths(stats: KVStats, bits: tuple[float, ...] | None, method: str) -> tuple[float, ...]:
+    """Validated, sorted, de-duplicated allowed widths."""
+    if bits is None:
+        bits = stats.bits_tuple
+    try:
+        ws = sorted({_num(float(b)) for b in bits})
+    except (TypeError, ValueError):
+        raise KvqError(f"widths must be numbers, got {bits!r}") from None
+    if not ws:
+        raise KvqError("no widths allowed")
+    for b in ws:
+        _spec(b, "token", 64)  # raises KvqError for a width the cache cannot store
+        if method == "sensitivity" and b != 16 and stats.bit_index(b) is None:
+            raise KvqError(f"width {b} was not measured in the stats (measured: "
+                           f"{', '.join(str(x) for x in stats.bits_tuple)})")
+    return tuple(ws)
+
+
+def _spec(b: float, axis: str, group: int) -> QuantSpec:
+    try:
+        return QuantSpec(bits=_num(b), axis=axis, group=group)
+    except KvqError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise KvqError(f"bad quantization spec bits={b} axis={axis} group={group}: {e}") from None
+
+
+def _budget_fraction(budget: float) -> Fraction:
+    """The budget as an exact rational: the simplest fraction within 1e-12 (relative) of the float,
+    so 2.3, 1.58 or 8/3 mean exactly that (float rounding must not drop an upgrade)."""
+    exact = Fraction(budget)
+    simple = exact.limit_denominator(10**6)
+    return simple if abs(simple - exact) <= exact * Fraction(1, 10**12) else exact
+
+
+def _cost(spec: QuantSpec, count_overhead: bool, scale_dtype: str) -> Fraction:
+    """Exact cost in bits per element: nominal width, or storage + scale/zero overhead."""
+    if not count_overhead:
+        return Fraction(repr(float(spec.bits)))
+    # storage (32/P) and overhead (2*16/group) are small-denominator rationals: recover them exactly
+    storage = Fraction(float(spec.storage_bits)).limit_denominator(10_000)
+    over = Fraction(float(spec.overhead_bits(scale_dtype))).limit_denominator(10_000)
+    return storage + over
