@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--stats", help="reuse (or write) the statistics file (.npz)")
     a.add_argument("--out", required=True, help="plan JSON to write")
     a.add_argument("--report", help="directory for figures and report.md")
+    a.add_argument("--force", action="store_true", help="replace an existing --out file")
     a.add_argument("--no-progress", action="store_true")
     _common(a, kv=False)
     a.add_argument("--key-axis", default="channel", choices=("token", "channel"))
@@ -217,10 +218,55 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_analyze(args: argparse.Namespace) -> int:
-    from kvq_jax.analyze_cmd import run_analyze
+def _parse_bits(text: str) -> tuple[float, ...]:
+    try:
+        bits = tuple(float(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise KvqError(f"bad --bits {text!r}: expected comma-separated widths like 1,1.58,2,3,4") from None
+    if not bits:
+        raise KvqError("--bits is empty")
+    return bits
 
-    return run_analyze(args, _read_text, _load)
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from kvq_jax.allocate import allocate_detailed
+    from kvq_jax.stats import KVStats
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise KvqError(f"{out} exists; pass --force to replace it")
+    bits = _parse_bits(args.bits)
+    model, tok = _load(args)
+    stats_path = Path(args.stats) if args.stats else None
+    if stats_path is not None and stats_path.exists():
+        stats = KVStats.load(stats_path)
+        if stats.model_name != model.cfg.name or stats.n_layers != model.cfg.n_layers:
+            raise KvqError(f"{stats_path} holds statistics of {stats.model_name!r}, not {model.cfg.name!r}")
+    else:
+        from kvq_jax.analysis import analyze
+        from kvq_jax.evaluate import text_windows
+
+        windows = text_windows(tok, _read_text(args.calib), args.context, args.windows)
+        stats = analyze(model, windows, bits=bits, key_axis=args.key_axis, value_axis=args.value_axis,
+                        group_k=args.group_k, group_v=args.group_v, progress=not args.no_progress,
+                        meta={"calib_file": str(args.calib)})
+        if stats_path is not None:
+            stats.save(stats_path)
+    alloc = allocate_detailed(
+        stats, args.budget, method=args.method, bits=bits, norm=args.norm,
+        count_overhead=args.count_overhead, key_axis=args.key_axis, value_axis=args.value_axis,
+        group_k=args.group_k, group_v=args.group_v, model_name=model.cfg.name)
+    alloc.plan.save(out)
+    summary = {"model": model.cfg.name, "method": args.method, "budget": args.budget, "out": str(out),
+               "spent": float(alloc.spent), "k_bits": [float(b) for b in alloc.k_bits],
+               "v_bits": [float(b) for b in alloc.v_bits]}
+    if args.report:
+        from kvq_jax.report import norm_summary, write_report
+
+        summary["report"] = str(write_report(stats, args.report, plans={args.method: alloc.plan}))
+        summary["summary"] = norm_summary(stats, "fro")
+    _print_json(summary)
+    return 0
 
 
 def _enable_compile_cache() -> None:

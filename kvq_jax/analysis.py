@@ -1,0 +1,174 @@
+"""Norm and sensitivity analysis of a model's keys and values over calibration text → `KVStats`.
+
+Per layer and KV head: Frobenius and spectral norms and singular values of K (before and after RoPE)
+and V, the relative quantization error of K and V at each candidate width (under the plan's grouping),
+and the error of the layer's attention output when only its keys, or only its values, are quantized.
+Weight norms of W_K and W_V come from the parameters. Spectra are exact: they come from the
+accumulated Gram matrices `X^T X [D, D]`, so memory does not grow with the number of tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from kvq_jax import quant
+from kvq_jax.attention import causal_attention
+from kvq_jax.errors import KvqError
+from kvq_jax.model import Transformer
+from kvq_jax.stats import DEFAULT_BITS, KVStats
+
+Array = jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _block_capture(graphdef, state, x: Array, positions: Array):
+    """One decoder block at full precision; also returns its q, k before/after RoPE and v.
+
+    x `[B, T, dim]` → x, q `[B, T, Hq, D]`, k_pre, k, v `[B, T, Hkv, D]`.
+    """
+    blk = nnx.merge(graphdef, state)
+    b, t, _ = x.shape
+    h = blk.attn_norm(x)
+    cfg = blk.attn.cfg
+    k_pre = blk.attn.wk(h).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    q, k, v = blk.attn.qkv(h, positions)
+    out = _attend(q, k, v)
+    x = x + blk.attn.wo(out.reshape(b, t, -1))
+    return x + blk.mlp(blk.mlp_norm(x)), q, k_pre, k, v
+
+
+def _attend(q: Array, k: Array, v: Array) -> Array:
+    """Causal attention, q `[B, T, Hq, D]`, k/v `[B, T, Hkv, D]` → `[B, T, Hq, D]`."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    qh = (q / math.sqrt(d)).reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4)
+    out = causal_attention(qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), jnp.full((b,), t, jnp.int32))
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
+
+
+def _qdq(x: Array, bits: float, axis: str, group: int, scale_dtype) -> Array:
+    """Quantize-dequantize x `[B, T, H, D]` with the cache's grouping (token axis = T)."""
+    xt = x.transpose(0, 2, 1, 3)  # [B, H, T, D]
+    codes, s, z = quant.quantize(xt, bits, axis, group, scale_dtype=scale_dtype)
+    return quant.dequantize(codes, s, z, axis, group).transpose(0, 2, 1, 3)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "key_axis", "value_axis", "group_k", "group_v", "scale_dtype"))
+def _layer_sums(q, k_pre, k, v, *, bits: tuple[float, ...], key_axis: str, value_axis: str,
+                group_k: int, group_v: int, scale_dtype: str) -> dict[str, Array]:
+    """Sums over a batch of windows for one layer (all `[H, ...]`, H = KV heads)."""
+    f32 = lambda a: a.astype(jnp.float32)
+    q, k_pre, k, v = map(f32, (q, k_pre, k, v))
+    gram = lambda x: jnp.einsum("bthd,bthe->hde", x, x)
+    sq = lambda x: jnp.sum(x * x, axis=(0, 1, 3))
+    ref = _attend(q, k, v)
+    hkv = k.shape[2]
+    per_head = lambda e: jnp.sum(e.reshape(e.shape[:2] + (hkv, -1, e.shape[3])), axis=(0, 1, 3, 4))
+    out = {"k_gram": gram(k), "v_gram": gram(v), "kpre_gram": gram(k_pre), "k_sq": sq(k), "v_sq": sq(v),
+           "attn_sq": per_head(ref * ref)}
+    sd = jnp.dtype(scale_dtype)
+    kq, vq, ka, va = [], [], [], []
+    for b in bits:
+        k_hat = _qdq(k, b, key_axis, group_k, sd)
+        v_hat = _qdq(v, b, value_axis, group_v, sd)
+        kq.append(sq(k_hat - k))
+        vq.append(sq(v_hat - v))
+        ka.append(per_head((_attend(q, k_hat, v) - ref) ** 2))
+        va.append(per_head((_attend(q, k, v_hat) - ref) ** 2))
+    out.update(k_qerr=jnp.stack(kq, -1), v_qerr=jnp.stack(vq, -1), k_attn=jnp.stack(ka, -1),
+               v_attn=jnp.stack(va, -1))
+    return out
+
+
+def _weight_norms(w: np.ndarray, n_heads: int, head_dim: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Per-head and whole-matrix Frobenius / spectral norms of a projection `[dim, H*D]`."""
+    heads = w.reshape(w.shape[0], n_heads, head_dim).transpose(1, 0, 2)
+    fro = np.sqrt(np.sum(heads.astype(np.float64) ** 2, axis=(1, 2)))
+    spec = np.array([np.linalg.norm(h, 2) for h in heads.astype(np.float64)])
+    return fro, spec, float(np.linalg.norm(w.astype(np.float64))), float(np.linalg.norm(w.astype(np.float64), 2))
+
+
+def _spectrum(gram: np.ndarray) -> np.ndarray:
+    """Singular values (descending) of X from its Gram matrix `[H, D, D]` → `[H, D]`."""
+    ev = np.linalg.eigvalsh(gram.astype(np.float64))[:, ::-1]
+    return np.sqrt(np.clip(ev, 0.0, None))
+
+
+def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = DEFAULT_BITS,
+            key_axis: str = "channel", value_axis: str = "token", group_k: int = 64, group_v: int = 64,
+            scale_dtype: str = "bfloat16", batch: int = 2, progress: bool = True,
+            meta: dict | None = None) -> KVStats:
+    """Runs the model over calibration windows `[W, T]` and collects `KVStats`."""
+    cfg = model.cfg
+    bits = tuple(sorted(float(b) for b in bits))
+    if not bits:
+        raise KvqError("--bits is empty")
+    for b in bits:
+        quant.qmax(b)  # validates the width
+    w, t = windows.shape
+    if key_axis == "channel" and t % group_k:
+        raise KvqError(f"calibration window {t} is not a multiple of the key group {group_k}")
+    if value_axis == "channel" and t % group_v:
+        raise KvqError(f"calibration window {t} is not a multiple of the value group {group_v}")
+    for ax, g in ((key_axis, group_k), (value_axis, group_v)):
+        if ax == "token" and cfg.head_dim % g:
+            raise KvqError(f"head_dim {cfg.head_dim} is not divisible by the group {g}")
+    graphdef, _ = nnx.split(model.layers[0])
+    states = [nnx.split(blk)[1] for blk in model.layers]
+    emb = model.embed.get_value()
+    totals: list[dict[str, np.ndarray]] = [{} for _ in range(cfg.n_layers)]
+    kw = dict(bits=bits, key_axis=key_axis, value_axis=value_axis, group_k=group_k, group_v=group_v,
+              scale_dtype=scale_dtype)
+    starts = range(0, w, batch)
+    bar = tqdm(total=len(starts) * cfg.n_layers, desc="analyze", file=sys.stderr, disable=not progress,
+               unit="layer", leave=False)
+    for s in starts:
+        toks = jnp.asarray(windows[s: s + batch])
+        x = jnp.take(emb, toks, axis=0)
+        pos = jnp.broadcast_to(jnp.arange(t), toks.shape)
+        for i, st in enumerate(states):
+            x, q, k_pre, k, v = _block_capture(graphdef, st, x, pos)
+            sums = jax.device_get(_layer_sums(q, k_pre, k, v, **kw))
+            for name, val in sums.items():
+                totals[i][name] = totals[i].get(name, 0.0) + np.asarray(val, np.float64)
+            bar.update(1)
+    bar.close()
+    stack = lambda name: np.stack([tt[name] for tt in totals])
+    k_sq, v_sq, attn_sq = stack("k_sq"), stack("v_sq"), stack("attn_sq")
+    wk = [_weight_norms(np.asarray(b.attn.wk.w.get_value()), cfg.n_kv_heads, cfg.head_dim) for b in model.layers]
+    wv = [_weight_norms(np.asarray(b.attn.wv.w.get_value()), cfg.n_kv_heads, cfg.head_dim) for b in model.layers]
+    k_sv = np.stack([_spectrum(tt["k_gram"]) for tt in totals])
+    v_sv = np.stack([_spectrum(tt["v_gram"]) for tt in totals])
+    kpre_sv = np.stack([_spectrum(tt["kpre_gram"]) for tt in totals])
+    tiny = 1e-30
+    info = dict(meta or {})
+    info.update(model=cfg.name, n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                bits=list(bits), calib_windows=int(w), calib_tokens=int(w * t), key_axis=key_axis,
+                value_axis=value_axis, group_k=group_k, group_v=group_v, scale_dtype=scale_dtype)
+    return KVStats(
+        bits=np.asarray(bits, np.float64),
+        k_fro=np.sqrt(k_sq), k_spec=k_sv[:, :, 0], v_fro=np.sqrt(v_sq), v_spec=v_sv[:, :, 0],
+        k_sv=k_sv, v_sv=v_sv,
+        wk_fro=np.stack([x[0] for x in wk]), wk_spec=np.stack([x[1] for x in wk]),
+        wv_fro=np.stack([x[0] for x in wv]), wv_spec=np.stack([x[1] for x in wv]),
+        wk_fro_layer=np.asarray([x[2] for x in wk]), wk_spec_layer=np.asarray([x[3] for x in wk]),
+        wv_fro_layer=np.asarray([x[2] for x in wv]), wv_spec_layer=np.asarray([x[3] for x in wv]),
+        k_qerr=stack("k_qerr") / np.maximum(k_sq, tiny)[..., None],
+        v_qerr=stack("v_qerr") / np.maximum(v_sq, tiny)[..., None],
+        k_attn_err=stack("k_attn").sum(1) / np.maximum(attn_sq.sum(1), tiny)[:, None],
+        v_attn_err=stack("v_attn").sum(1) / np.maximum(attn_sq.sum(1), tiny)[:, None],
+        k_attn_err_head=stack("k_attn") / np.maximum(attn_sq, tiny)[..., None],
+        v_attn_err_head=stack("v_attn") / np.maximum(attn_sq, tiny)[..., None],
+        k_fro_prerope=np.sqrt(np.stack([np.trace(tt["kpre_gram"], axis1=1, axis2=2) for tt in totals])),
+        k_spec_prerope=kpre_sv[:, :, 0], k_sv_prerope=kpre_sv,
+        meta=info,
+    )
