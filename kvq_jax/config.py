@@ -168,7 +168,7 @@ class ModelConfig:
 def tiny_config(arch: str = "llama", **kw: Any) -> ModelConfig:
     """A small random-weight config for unit tests."""
     base = dict(
-        arch=arch, vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+        arch=arch, vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64,
         hidden_dim=128, norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=arch == "llama",
         qkv_bias=arch == "qwen2", max_seq_len=512, bos_id=1, eos_ids=(2,), name=f"tiny-{arch}",
     )
