@@ -223,24 +223,27 @@ def attention(q: Array, k: Array, v: Array, layer: LayerCache, lengths: Array, n
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     rep = hq // hkv
+    rot = None
     if isinstance(layer, QuantLayer) and layer.rotate == "hadamard":
+        # The cache holds k @ H and v @ H (H orthonormal, H @ H = I): q.k is unchanged with q @ H, and
+        # the output is rotated back; outlier channels are spread before quantization.
         rot = jnp.asarray(hadamard(d), q.dtype)
-        q, k = q @ rot, k @ rot  # q.k is unchanged; outlier channels are spread before quantization
+    heads = lambda x: x.transpose(0, 2, 1, 3)  # [B, T, H, D] -> [B, H, T, D]
     qh = (q * (1.0 / math.sqrt(d))).reshape(b, t, hkv, rep, d).transpose(0, 2, 3, 1, 4)  # [B,Hkv,R,T,D]
-    kh = k.transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
-    vh = v.transpose(0, 2, 1, 3)
+    kc, vc = (k, v) if rot is None else (k @ rot, v @ rot)
     if t > 1:
-        out = causal_attention(qh, kh, vh, n_new)
-        layer = kvcache.prefill(layer, kh, vh, n_new)
+        out = causal_attention(qh, heads(k), heads(v), n_new)
+        layer = kvcache.prefill(layer, heads(kc), heads(vc), n_new)
     else:
-        layer = kvcache.append(layer, kh, vh, lengths)
+        layer = kvcache.append(layer, heads(kc), heads(vc), lengths)
         n = lengths + 1
         q1 = qh[:, :, :, 0]
         if isinstance(layer, DenseLayer):
             mask = jnp.arange(layer.k.shape[2])[None, :] < n[:, None]
             out, _ = _segment(q1, layer.k, layer.v, mask)
         else:
-            out = read_quantized(q1, layer, n, resolve_impl(impl))
+            out = read_quantized(q1 if rot is None else q1 @ rot, layer, n, resolve_impl(impl))
+            out = out if rot is None else out @ rot
         out = out[:, :, :, None]
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)  # [B, T, Hq, D]
     return out.astype(q.dtype), layer

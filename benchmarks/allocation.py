@@ -1,0 +1,70 @@
+"""Budgeted allocation on SmolLM2 (issue 4 table): calibrate on the first half of the text, evaluate
+on the second half; ppl at each data budget for uniform KbVb, the reference norm rule and our
+sensitivity rule.
+
+python benchmarks/allocation.py --text ../shared/data/wiki_squad_dev.txt --out-dir benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from kvq_jax.allocate import allocate_detailed
+from kvq_jax.analysis import analyze
+from kvq_jax.evaluate import evaluate, text_windows
+from kvq_jax.loading import load
+from kvq_jax.plan import parse_kv
+from kvq_jax.report import write_report
+from kvq_jax.stats import KVStats
+
+UNIFORM = {2.0: "K2V2", 2.5: "K3V2", 3.0: "K3V3", 4.0: "K4V4"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--text", required=True)
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--calib-windows", type=int, default=8)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=6)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[2.0, 2.5, 3.0, 4.0])
+    ap.add_argument("--methods", nargs="+", default=["uniform", "norm", "weight-norm", "sensitivity"])
+    args = ap.parse_args()
+    os.makedirs(args.out_dir, exist_ok=True)
+    text = open(args.text, encoding="utf-8").read()
+    half = len(text) // 2
+    calib, held_out = text[:half], text[half:]
+    model, tok = load()
+    stats_path = os.path.join(args.out_dir, "smollm2_stats.npz")
+    if os.path.exists(stats_path):
+        stats = KVStats.load(stats_path)
+    else:
+        stats = analyze(model, text_windows(tok, calib, args.context, args.calib_windows), progress=False,
+                        meta={"calib_file": os.path.basename(args.text) + " (first half)"})
+        stats.save(stats_path)
+    plans = {}
+    for budget in args.budgets:
+        for method in args.methods:
+            if method == "uniform":
+                if budget not in UNIFORM:
+                    continue
+                kv, spent = parse_kv(UNIFORM[budget], model.cfg.n_layers), budget
+            else:
+                alloc = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name)
+                kv, spent = alloc.plan, float(alloc.spent)
+                kv.save(os.path.join(args.out_dir, f"plan_{method}_{budget:g}.json"))
+                if budget == 3.0:
+                    plans[method] = kv
+            r = evaluate(model, tok, held_out, context=args.context, windows=args.windows, kv=kv, progress=False)
+            r.update(method=method, budget=budget, spent=spent,
+                     k_bits=[s.bits for s in kv.keys], v_bits=[s.bits for s in kv.values])
+            print(json.dumps(r), flush=True)
+    report_dir = os.path.join(args.out_dir, "report")
+    write_report(stats, report_dir, plans=plans)
+    print(json.dumps({"report": os.path.join(report_dir, "report.md")}))
+
+
+if __name__ == "__main__":
+    main()
