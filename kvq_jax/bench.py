@@ -46,6 +46,8 @@ def bench(model: Transformer, *, batch: int = 1, context: int = 512, new_tokens:
     cfg = model.cfg
     if batch < 1 or context < 1 or new_tokens < 1:
         raise KvqError(f"--batch, --context and --new-tokens must be >= 1 (got {batch}, {context}, {new_tokens})")
+    if not 0 <= seed <= 2**32 - 1:
+        raise KvqError(f"--seed must be in [0, {2**32 - 1}], got {seed}")
     capacity = context + new_tokens
     if capacity > cfg.max_seq_len:
         raise KvqError(f"--context + --new-tokens = {capacity} exceeds the model's context of {cfg.max_seq_len}")

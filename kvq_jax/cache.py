@@ -211,9 +211,10 @@ def append(layer: LayerCache, k: Array, v: Array, lengths: Array) -> LayerCache:
 
     layer = jax.lax.cond(jnp.any(flush), do_flush, lambda lay: lay, layer)
     slot = j % max(r, 1)
+    if s:  # a 0-token sink has nothing to write (and a 0-length slice cannot take one token)
+        layer = layer.replace(sink_k=_write_rows(layer.sink_k, k, lengths, in_sink),
+                              sink_v=_write_rows(layer.sink_v, v, lengths, in_sink))
     return layer.replace(
-        sink_k=_write_rows(layer.sink_k, k, lengths, in_sink),
-        sink_v=_write_rows(layer.sink_v, v, lengths, in_sink),
         recent_k=_write_rows(layer.recent_k, k, slot, ~in_sink),
         recent_v=_write_rows(layer.recent_v, v, slot, ~in_sink),
     )

@@ -31,6 +31,29 @@ def _positive_int(s: str) -> int:
     return v
 
 
+_SEED_MAX = 2**32 - 1  # what both jax.random.key and numpy's default_rng accept everywhere
+
+
+def _seed(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if not 0 <= v <= _SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {_SEED_MAX}], got {v}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
 def _finite_float(s: str) -> float:
     try:
         v = float(s)
@@ -64,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=_positive_int, default=128)
     g.add_argument("--temperature", type=_finite_float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-k", type=_nonneg_int, default=0, help="0 = off; clamped to the vocabulary")
     g.add_argument("--top-p", type=_finite_float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, no chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     _common(g)
@@ -85,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--context", type=_positive_int, default=512)
     b.add_argument("--new-tokens", type=_positive_int, default=64)
     b.add_argument("--text", help="take the context from this text file instead of random tokens")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=_seed, default=0)
     b.add_argument("--json", action="store_true")
     _common(b)
 

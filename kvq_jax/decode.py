@@ -87,6 +87,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         raise KvqError("empty prompt: give at least one token")
     if max_new_tokens < 1:
         raise KvqError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if not 0 <= seed <= 2**32 - 1:
+        raise KvqError(f"--seed must be in [0, {2**32 - 1}], got {seed}")
     longest = max(len(p) for p in prompts)
     need = longest + max_new_tokens
     if capacity is None:

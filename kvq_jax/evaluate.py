@@ -110,6 +110,8 @@ def evaluate(model: Transformer, tok: Tokenizer, text: str, *, context: int = 51
     from kvq_jax.attention import resolve_impl
 
     impl = resolve_impl(attention_impl)
+    if context > model.cfg.max_seq_len:
+        raise KvqError(f"--context {context} exceeds the model's context of {model.cfg.max_seq_len} tokens")
     data = text_windows(tok, text, context, windows)
     n_win = data.shape[0]
     scored = n_win * (context - 1)

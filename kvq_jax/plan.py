@@ -219,10 +219,12 @@ class KVPlan:
                         f"layer {layer} {kind} spec {s}: head_dim {cfg.head_dim} is not divisible "
                         f"by group {s.group}"
                     )
+            if not self.quantized(layer) and self.rotate == "none":
+                continue  # a plain dense layer: no window, no flush block
             g = self.block(layer)
             if self.residual % g:
                 raise KvqError(f"residual {self.residual} is not a multiple of layer {layer}'s block {g}")
-            if self.quantized(layer) and self.residual < g:
+            if self.residual < g:
                 raise KvqError(
                     f"residual {self.residual} is smaller than layer {layer}'s block {g} "
                     "(a quantized layer needs at least one block of recent tokens)"

@@ -54,5 +54,7 @@ def sample(logits: Array, key: Array, cfg: SamplerConfig) -> Array:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     x = logits.astype(jnp.float32) / cfg.temperature
     if cfg.top_k > 0 or cfg.top_p < 1.0:
-        x = filter_logits(x, jnp.int32(cfg.top_k), jnp.float32(cfg.top_p))
+        # A top-k beyond the vocabulary keeps every token (and must not overflow int32).
+        k = min(cfg.top_k, logits.shape[-1])
+        x = filter_logits(x, jnp.int32(k), jnp.float32(cfg.top_p))
     return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)

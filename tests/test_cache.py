@@ -464,13 +464,9 @@ def test_nbytes_is_leaf_sum_and_k4v2_is_small(capsys):
     assert out.out == "" and out.err == ""
 
 
-# ----------------------------------------------------------------------------- known bugs
+# ----------------------------------------------------------------------------- regressions
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "BUG: cache.append writes the sink with _write_rows even when sink == 0: jnp.clip(a, 0, -1) and a "
-    "1-token dynamic_slice of a 0-token buffer fail at trace time, so a sink=0 plan (accepted by KVPlan "
-    "and --sink 0) cannot decode"))
 def test_plan_without_sink_decodes():
     cache = build((ch(2),), (tok(4),), batch=2, d=32, capacity=96, sink=0)
     xk, xv = streams(np.random.default_rng(3), 1, 2, 2, 90, 32)
@@ -484,10 +480,6 @@ def test_plan_without_sink_decodes():
         check_all(layers, n, refs)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "BUG: an all-16-bit plan with rotate='hadamard' and residual=0 passes KVPlan.validate (the window "
-    "checks skip non-quantized layers) but init_cache builds a QuantLayer with a 0-slot ring; "
-    "cache.append then slices G tokens out of it (do_flush) and fails at trace time"))
 def test_all_dense_hadamard_plan_without_window():
     cfg = tiny_config(n_layers=1, n_heads=2, n_kv_heads=2, head_dim=32)
     try:
@@ -510,11 +502,6 @@ def test_all_dense_hadamard_plan_without_window():
         np.testing.assert_allclose(out[0, h, 0], (p / p.sum()) @ x[1, 0, 0, h], atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=KvqError, reason=(
-    "BUG: KVPlan.validate applies 'residual % block' to all-16-bit layers, whose block() falls back "
-    "to 64 although they are stored dense (no window, no block): residual=0 is accepted for them but "
-    "residual=32 is not, so a mixed plan (e.g. from allocate with 16-bit layers, group 32, "
-    "residual 32) is rejected with 'residual 32 is not a multiple of layer 0's block 64'"))
 def test_all_dense_layer_does_not_constrain_residual():
     cfg = tiny_config(head_dim=32)
     plan = KVPlan((QuantSpec(16), ch(4, 32)), (QuantSpec(16), tok(2)), residual=32, sink=S)
