@@ -1,6 +1,6 @@
 """Cross-check: kvq_jax fp perplexity vs HF transformers (PyTorch) on the same GGUF weights.
 
-Needs `pip install torch transformers` (not a kvq_jax dependency). transformers dequantizes the GGUF
+Needs `pip install torch transformers accelerate` (not a kvq_jax dependency). transformers dequantizes the GGUF
 itself (its own loader and Q/K un-permutation), so this checks our loader and model independently.
 Both score the same token windows (kvq_jax's tokenizer; the HF tokenizer is compared too).
 

@@ -12,6 +12,9 @@ Distortion models (`method`):
 - "sensitivity" (ours): the measured attention-output errors `k_attn_err` / `v_attn_err` used directly
   at each width (they may be non-convex, hence upgrades to any larger width are considered). A 16-bit
   width needs no measurement: it keeps the tensor dense, so its error is 0.
+- "fisher" (ours, loss-aware): the same greedy over `k_fisher_err` / `v_fisher_err`, the attention-output
+  errors under the cache's sink/window protocol weighted by the loss's Fisher information, i.e. the
+  predicted rise in NLL (kvq_jax.fisher): one unit for every layer and for K and V.
 
 Budget: the mean cost per cached K/V element over all layers' keys and values (every layer's K and
 V holds the same number of elements, so this is the mean over the 2L tensors). The cost of a width is
@@ -34,8 +37,9 @@ from kvq_jax.errors import KvqError
 from kvq_jax.plan import KVPlan, QuantSpec
 from kvq_jax.stats import KVStats, canonical_bits as _num
 
-METHODS = ("sensitivity", "norm", "weight-norm")
+METHODS = ("fisher", "sensitivity", "norm", "weight-norm")
 NORMS = ("fro", "spec")
+_MEASURED = ("sensitivity", "fisher")  # methods that use measured errors at each width
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -168,7 +172,7 @@ def allocate_detailed(
         raise KvqError(f"budget {budget:g} bits is below the cheapest assignment "
                        f"({least:.4g} bits: every K and V at {_num(widths[0])} bits)")
 
-    if method == "sensitivity":
+    if method in _MEASURED:
         ratio_scale, red = None, dist[:, :, None] - dist[:, None, :]  # [n, a, b] = e(a) - e(b)
     else:
         # e = c * 2^(-2b): ratio = c * k with k independent of c, so the ratio is monotone in c even
@@ -192,7 +196,7 @@ def allocate_detailed(
     spent_f = spent / (denom * len(frac))
 
     name = model_name if model_name is not None else stats.model_name
-    what = f"{method}" + (f"/{norm}" if method != "sensitivity" else "") + (" per-head" if per_head else "")
+    what = f"{method}" + (f"/{norm}" if method not in _MEASURED else "") + (" per-head" if per_head else "")
     note = (f"allocate: method={what} budget={budget:g} bits/elt"
             f"{' (storage+overhead)' if count_overhead else ' (nominal)'} spent={float(plan_spent):.4f}")
     plan = KVPlan(
@@ -251,8 +255,15 @@ def _distortions(stats: KVStats, method: str, norm: str, widths: tuple[float, ..
     """Distortion of K and V at each width, [L, nb] each (or [L, H, nb] with per_head), and for
     the norm methods the factors c of e = c * 2^(-2b), [L] (or [L, H]); None for "sensitivity"."""
     w = np.asarray([float(b) for b in widths])
-    if method == "sensitivity":
-        if per_head:
+    if method == "fisher" and per_head:
+        raise KvqError("the fisher method allocates per layer (per-head Fisher errors are not measured)")
+    if method == "fisher" and (stats.k_fisher_err is None or stats.v_fisher_err is None):
+        raise KvqError("these stats have no Fisher errors: re-run the analysis (kvq-jax analyze) "
+                       "or choose --method sensitivity")
+    if method in _MEASURED:
+        if method == "fisher":
+            ke, ve = stats.k_fisher_err, stats.v_fisher_err
+        elif per_head:
             if stats.k_attn_err_head is None or stats.v_attn_err_head is None:
                 raise KvqError("per-head sensitivity allocation needs k/v_attn_err_head in the stats")
             ke, ve = stats.k_attn_err_head, stats.v_attn_err_head
@@ -293,7 +304,7 @@ def _widths(stats: KVStats, bits: tuple[float, ...] | None, method: str) -> tupl
         raise KvqError("no widths allowed")
     for b in ws:
         _spec(b, "token", 64)  # raises KvqError for a width the cache cannot store
-        if method == "sensitivity" and b != 16 and stats.bit_index(b) is None:
+        if method in _MEASURED and b != 16 and stats.bit_index(b) is None:
             raise KvqError(f"width {b} was not measured in the stats (measured: "
                            f"{', '.join(str(x) for x in stats.bits_tuple)})")
     return tuple(ws)

@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 from kvq_jax import quant
 from kvq_jax.attention import causal_attention
 from kvq_jax.errors import KvqError
+from kvq_jax.fisher import fisher_pass, layer_fisher_errors
 from kvq_jax.model import Transformer
+from kvq_jax.plan import DEFAULT_BLOCK
 from kvq_jax.stats import DEFAULT_BITS, KVStats
 
 Array = jax.Array
@@ -106,8 +108,12 @@ def _spectrum(gram: np.ndarray) -> np.ndarray:
 def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = DEFAULT_BITS,
             key_axis: str = "channel", value_axis: str = "token", group_k: int = 64, group_v: int = 64,
             scale_dtype: str = "bfloat16", batch: int = 2, progress: bool = True,
-            meta: dict | None = None) -> KVStats:
-    """Runs the model over calibration windows `[W, T]` and collects `KVStats`."""
+            meta: dict | None = None, sink: int = 4, residual: int = 128, fisher: bool = True) -> KVStats:
+    """Runs the model over calibration windows `[W, T]` and collects `KVStats`.
+
+    With `fisher`, also the loss-aware errors `k_fisher_err`/`v_fisher_err` (see `kvq_jax.fisher`)
+    for a cache with this `sink` and `residual` (one extra forward and backward pass per batch).
+    """
     cfg = model.cfg
     bits = tuple(sorted(float(b) for b in bits))
     if not bits:
@@ -124,6 +130,17 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
             raise KvqError(f"head_dim {cfg.head_dim} is not divisible by the group {g}")
     graphdef, _ = nnx.split(model.layers[0])
     states = [nnx.split(blk)[1] for blk in model.layers]
+    groups = [g for ax, g in ((key_axis, group_k), (value_axis, group_v)) if ax == "channel"]
+    block = max(groups, default=DEFAULT_BLOCK)  # the cache's flush block (KVPlan.block)
+    if fisher and (sink < 0 or residual < block or residual % block):
+        raise KvqError(f"residual {residual} must be a positive multiple of the block {block}, sink >= 0")
+    fisher_kw = dict(bits=bits, key_axis=key_axis, value_axis=value_axis, group_k=group_k,
+                     group_v=group_v, sink=sink, residual=residual, block=block, scale_dtype=scale_dtype)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states) if fisher else None
+    head = model.embed.get_value() if model.lm_head is None else model.lm_head.get_value()
+    norm_w = model.final_norm.weight.get_value().astype(jnp.float32)
+    fisher_k = np.zeros((cfg.n_layers, len(bits)))
+    fisher_v = np.zeros((cfg.n_layers, len(bits)))
     emb = model.embed.get_value()
     totals: list[dict[str, np.ndarray]] = [{} for _ in range(cfg.n_layers)]
     kw = dict(bits=bits, key_axis=key_axis, value_axis=value_axis, group_k=group_k, group_v=group_v,
@@ -141,6 +158,12 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
             for name, val in sums.items():
                 totals[i][name] = totals[i].get(name, 0.0) + np.asarray(val, np.float64)
             bar.update(1)
+        if fisher:
+            _, grads, (fq, fk, fv) = fisher_pass(graphdef, stacked, emb, head, norm_w, cfg.norm_eps, toks)
+            for i in range(cfg.n_layers):
+                ke, ve = layer_fisher_errors(fq[i], fk[i], fv[i], grads[i], **fisher_kw)
+                fisher_k[i] += np.asarray(ke, np.float64)
+                fisher_v[i] += np.asarray(ve, np.float64)
     bar.close()
     stack = lambda name: np.stack([tt[name] for tt in totals])
     k_sq, v_sq, attn_sq = stack("k_sq"), stack("v_sq"), stack("attn_sq")
@@ -153,7 +176,8 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
     info = dict(meta or {})
     info.update(model=cfg.name, n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                 bits=list(bits), calib_windows=int(w), calib_tokens=int(w * t), key_axis=key_axis,
-                value_axis=value_axis, group_k=group_k, group_v=group_v, scale_dtype=scale_dtype)
+                value_axis=value_axis, group_k=group_k, group_v=group_v, scale_dtype=scale_dtype,
+                sink=sink, residual=residual)
     return KVStats(
         bits=np.asarray(bits, np.float64),
         k_fro=np.sqrt(k_sq), k_spec=k_sv[:, :, 0], v_fro=np.sqrt(v_sq), v_spec=v_sv[:, :, 0],
@@ -170,5 +194,7 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
         v_attn_err_head=stack("v_attn") / np.maximum(attn_sq, tiny)[..., None],
         k_fro_prerope=np.sqrt(np.stack([np.trace(tt["kpre_gram"], axis1=1, axis2=2) for tt in totals])),
         k_spec_prerope=kpre_sv[:, :, 0], k_sv_prerope=kpre_sv,
+        k_fisher_err=np.maximum(fisher_k / w, 0.0) if fisher else None,  # nats per window
+        v_fisher_err=np.maximum(fisher_v / w, 0.0) if fisher else None,
         meta=info,
     )

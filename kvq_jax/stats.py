@@ -47,8 +47,11 @@ _SHAPES: dict[str, tuple[str, ...]] = {
     "k_sv_prerope": ("L", "H", "D"),
     "k_attn_err_head": ("L", "H", "B"),
     "v_attn_err_head": ("L", "H", "B"),
+    "k_fisher_err": ("L", "B"),
+    "v_fisher_err": ("L", "B"),
 }
-OPTIONAL = ("k_fro_prerope", "k_spec_prerope", "k_sv_prerope", "k_attn_err_head", "v_attn_err_head")
+OPTIONAL = ("k_fro_prerope", "k_spec_prerope", "k_sv_prerope", "k_attn_err_head", "v_attn_err_head",
+            "k_fisher_err", "v_fisher_err")
 
 
 @dataclasses.dataclass(eq=False)
@@ -63,6 +66,8 @@ class KVStats:
     k_qerr, v_qerr [L, H, nb]: ||Q(X) - X||_F^2 / ||X||_F^2 at each width.
     k_attn_err, v_attn_err [L, nb]: normalised MSE of the layer's attention output when only its keys
         (resp. values) are quantized; k_attn_err_head, v_attn_err_head [L, H, nb]: the same per head.
+    k_fisher_err, v_fisher_err [L, nb]: Fisher-weighted attention-output error under the cache
+        protocol, in nats per calibration window (optional; see kvq_jax.fisher).
     meta: JSON-able dict (model, n_layers, n_kv_heads, head_dim, bits, calib_file, calib_windows,
         calib_tokens, key_axis, value_axis, group_k, group_v).
     """
@@ -91,6 +96,8 @@ class KVStats:
     k_sv_prerope: np.ndarray | None = None
     k_attn_err_head: np.ndarray | None = None
     v_attn_err_head: np.ndarray | None = None
+    k_fisher_err: np.ndarray | None = None
+    v_fisher_err: np.ndarray | None = None
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:

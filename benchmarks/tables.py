@@ -1,0 +1,77 @@
+"""Markdown tables for the README from the benchmark outputs in benchmarks/results/.
+
+python benchmarks/tables.py [--dir benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def _rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _rel(r: dict) -> str:
+    return f"{100 * (r['ppl'] / r['ppl_fp'] - 1):+.2f}%"
+
+
+def quality(rows: list[dict]) -> str:
+    out = ["| cache | ppl | vs fp | KL vs fp | top-1 | effective bits @512 | bytes @512 ×6 |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        out.append(f"| {r['label']} | {r['ppl']:.3f} | {_rel(r)} | {r['kl_vs_fp']:.4f} | "
+                   f"{r['top1_agreement']:.3f} | {r['effective_bits']:.2f} | {r['kv_cache_bytes'] / 2**20:.1f} MiB |")
+    return "\n".join(out)
+
+
+def allocation(rows: list[dict]) -> str:
+    out = ["| budget | plan | data bits spent | ppl | vs fp | KL vs fp | top-1 |",
+           "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        name = r["label"] if r["method"] == "uniform" else f"{r['method']} rule"
+        out.append(f"| {r['budget']:g} | {name} | {r['spent']:.2f} | {r['ppl']:.3f} | {_rel(r)} | "
+                   f"{r['kl_vs_fp']:.4f} | {r['top1_agreement']:.3f} |")
+    return "\n".join(out)
+
+
+def speed(rows: list[dict]) -> str:
+    out = ["| context | batch | cache | prefill tok/s | decode tok/s | ms / step | cache bytes | bf16 bytes |",
+           "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        kv = r["kv"] if len(r["kv"]) < 12 else r["kv"].split(":")[1].split(";")[0:2]
+        kv = kv if isinstance(kv, str) else ("K" + kv[0].strip()[2:] + " V" + kv[1].strip()[2:])
+        out.append(f"| {r['context']} | {r['batch']} | {kv} | {r['prefill_tokens_per_s']:.0f} | "
+                   f"{r['decode_tokens_per_s']:.1f} | {r['decode_ms_per_step']:.1f} | "
+                   f"{r['kv_cache_bytes'] / 2**20:.1f} MiB | {r['kv_cache_bytes_bf16'] / 2**20:.1f} MiB |")
+    return "\n".join(out)
+
+
+def kernel(rows: list[dict]) -> str:
+    out = ["| device | context | batch | path | ms | bytes read | GB/s |",
+           "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        if r["impl"] == "flush":
+            continue
+        out.append(f"| {r['device']} | {r['context']} | {r['batch']} | {r['impl']} | {r['ms']:.3f} | "
+                   f"{r['bytes_read'] / 2**20:.1f} MiB | {r['gbps']:.1f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args()
+    for name, fn in (("quality", quality), ("allocation", allocation), ("speed", speed), ("kernel", kernel)):
+        rows = _rows(os.path.join(args.dir, f"{name}.jsonl"))
+        if rows:
+            print(f"### {name}\n\n{fn(rows)}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Loss-aware (Fisher-weighted) sensitivity: protocol mask, mixed attention, gradients, allocation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kvq_jax import fisher, quant
+from kvq_jax.allocate import allocate_detailed
+from kvq_jax.analysis import _attend, analyze
+from kvq_jax.cache import init_cache, quantized_count
+from kvq_jax.config import tiny_config
+from kvq_jax.errors import KvqError
+from kvq_jax.model import Transformer
+from kvq_jax.plan import KVPlan
+from kvq_jax.stats import KVStats
+
+CFG = tiny_config(n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32, dim=64, vocab_size=61)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Transformer(CFG, rngs=nnx.Rngs(3))
+
+
+@pytest.fixture(scope="module")
+def windows():
+    return np.random.default_rng(0).integers(0, CFG.vocab_size, (3, 128)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def stats(model, windows):
+    return analyze(model, windows, bits=(1, 2, 3, 4, 8), key_axis="channel", group_k=32, group_v=32,
+                   residual=32, sink=2, progress=False)
+
+
+@pytest.mark.parametrize("sink,residual,block", [(4, 128, 64), (0, 32, 32), (3, 64, 16)])
+def test_protocol_matches_the_cache_flush_rule(sink, residual, block):
+    plan = KVPlan.uniform(1, 4, 2, group_k=block, residual=residual, sink=sink)
+    layer = init_cache(tiny_config(n_layers=1), plan, 1, 512).layers[0]
+    t = 400
+    want = np.asarray(quantized_count(layer, jnp.arange(1, t + 1)))
+    np.testing.assert_array_equal(fisher.quantized_prefix(t, sink, residual, block), want)
+    mask = fisher.protocol_mask(t, sink, residual, block)
+    assert not mask[:, :sink].any() and not np.triu(mask).any()  # sink and the causal future: never
+    np.testing.assert_array_equal(mask.sum(1), want)
+
+
+def test_qdq_body_keeps_the_sink_and_quantizes_blocks():
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 70, 2, 32)), jnp.float32)
+    out = np.asarray(fisher.qdq_body(x, 2, "channel", 16, 6, 16, jnp.float32))
+    np.testing.assert_array_equal(out[:, :6], np.asarray(x[:, :6]))
+    body = x[:, 6:70].transpose(0, 2, 1, 3)  # 64 tokens = 4 whole blocks of 16
+    c, s, z = quant.quantize(body, 2, "channel", 16, scale_dtype=jnp.float32)
+    want = np.asarray(quant.dequantize(c, s, z, "channel", 16)).transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(out[:, 6:], want, atol=1e-6)
+
+
+def test_mixed_attention_limits():
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.standard_normal((2, 40, 4, 32)), jnp.float32)
+    k, v, kh, vh = (jnp.asarray(rng.standard_normal((2, 40, 2, 32)), jnp.float32) for _ in range(4))
+    none, every = jnp.zeros((40, 40), bool), jnp.ones((40, 40), bool)
+    np.testing.assert_allclose(fisher.mixed_attention(q, k, v, kh, vh, none), _attend(q, k, v), atol=1e-5)
+    np.testing.assert_allclose(fisher.mixed_attention(q, k, v, kh, vh, every), _attend(q, kh, vh), atol=1e-5)
+
+
+def _parts(model):
+    gd, _ = nnx.split(model.layers[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.split(b)[1] for b in model.layers])
+    head = model.embed.get_value()
+    return gd, stacked, model.embed.get_value(), head, model.final_norm.weight.get_value()
+
+
+def test_fisher_pass_is_the_model_and_its_gradient(model, windows):
+    gd, stacked, emb, head, nw = _parts(model)
+    toks = jnp.asarray(windows[:2, :64])
+    value, grads, (q, k, v) = fisher.fisher_pass(gd, stacked, emb, head, nw, CFG.norm_eps, toks)
+    # the same NLL as the model's own forward
+    logits, _ = model(toks, init_cache(CFG, KVPlan.uniform(CFG.n_layers, 16, 16), 2, 64))
+    lp = jax.nn.log_softmax(logits[:, :-1], -1)
+    want = -np.take_along_axis(np.asarray(lp), np.asarray(toks)[:, 1:, None], -1).sum()
+    assert float(value) == pytest.approx(float(want), rel=1e-5)
+    assert grads.shape == (CFG.n_layers, 2, 64, CFG.n_heads, CFG.head_dim) and k.shape[0] == CFG.n_layers
+    # directional finite difference of the NLL along a random probe direction
+    u = jnp.asarray(np.random.default_rng(4).standard_normal(grads.shape), jnp.float32)
+    eps = 1e-2
+    f = lambda p: float(fisher.nll(gd, stacked, emb, head, nw, CFG.norm_eps, toks, p)[0])
+    fd = (f(eps * u) - f(-eps * u)) / (2 * eps)
+    assert fd == pytest.approx(float(jnp.sum(grads * u)), rel=2e-2)
+
+
+def test_fisher_errors_shape_order_and_round_trip(stats, tmp_path):
+    for e in (stats.k_fisher_err, stats.v_fisher_err):
+        assert e.shape == (CFG.n_layers, 5) and np.all(np.isfinite(e)) and np.all(e >= 0)
+        assert np.all(e[:, 0] > e[:, -1])  # 1 bit hurts more than 8 bits, every layer
+        assert np.all(e[:, -1] < 1e-2 * e[:, 0])
+    path = tmp_path / "s.npz"
+    stats.save(path)
+    back = KVStats.load(path)
+    np.testing.assert_array_equal(back.k_fisher_err, stats.k_fisher_err)
+    assert back.meta["residual"] == 32 and back.meta["sink"] == 2
+
+
+def test_protocol_leaves_short_windows_unquantized(model):
+    # windows no longer than sink + residual never read a quantized token: zero error
+    w = np.random.default_rng(5).integers(0, CFG.vocab_size, (2, 32)).astype(np.int32)
+    st = analyze(model, w, bits=(2, 4), group_k=32, group_v=32, residual=32, sink=0, progress=False)
+    assert np.all(st.k_fisher_err == 0) and np.all(st.v_fisher_err == 0)
+
+
+@pytest.mark.parametrize("budget", [1.5, 2.5, 3.0, 4.0])
+def test_fisher_allocation_respects_the_budget(stats, budget):
+    a = allocate_detailed(stats, budget, method="fisher", group_k=32, group_v=32, residual=32, sink=2)
+    assert a.spent <= budget + 1e-12 and a.plan.mean_data_bits() <= budget + 1e-12
+    a.plan.validate(CFG)
+    again = allocate_detailed(stats, budget, method="fisher", group_k=32, group_v=32, residual=32, sink=2)
+    assert a.plan == again.plan
+
+
+def test_fisher_allocation_needs_fisher_stats(stats):
+    import dataclasses
+
+    old = dataclasses.replace(stats, k_fisher_err=None, v_fisher_err=None)
+    with pytest.raises(KvqError, match="no Fisher errors"):
+        allocate_detailed(old, 3.0, method="fisher")
+    with pytest.raises(KvqError, match="per layer"):
+        allocate_detailed(stats, 3.0, method="fisher", per_head=True)
+
+
+def test_analyze_rejects_a_window_protocol_it_cannot_mimic(model, windows):
+    with pytest.raises(KvqError, match="residual"):
+        analyze(model, windows, bits=(2,), group_k=32, group_v=32, residual=48, progress=False)
