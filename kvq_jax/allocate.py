@@ -258,8 +258,8 @@ def _distortions(stats: KVStats, method: str, norm: str, widths: tuple[float, ..
     if method == "fisher" and per_head:
         raise KvqError("the fisher method allocates per layer (per-head Fisher errors are not measured)")
     if method == "fisher" and (stats.k_fisher_err is None or stats.v_fisher_err is None):
-        raise KvqError("these stats have no Fisher errors: re-run the analysis (kvq-jax analyze) "
-                       "or choose --method sensitivity")
+        raise KvqError("these stats have no Fisher errors (they need calibration windows longer than "
+                       "sink + residual): analyze with a longer --context, or choose --method sensitivity")
     if method in _MEASURED:
         if method == "fisher":
             ke, ve = stats.k_fisher_err, stats.v_fisher_err

@@ -134,6 +134,7 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
     block = max(groups, default=DEFAULT_BLOCK)  # the cache's flush block (KVPlan.block)
     if fisher and (sink < 0 or residual < block or residual % block):
         raise KvqError(f"residual {residual} must be a positive multiple of the block {block}, sink >= 0")
+    fisher = fisher and t > sink + residual  # shorter windows never read a quantized token
     fisher_kw = dict(bits=bits, key_axis=key_axis, value_axis=value_axis, group_k=group_k,
                      group_v=group_v, sink=sink, residual=residual, block=block, scale_dtype=scale_dtype)
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states) if fisher else None

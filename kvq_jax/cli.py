@@ -118,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--context", type=_positive_int, default=512)
     a.add_argument("--budget", type=_finite_float, default=3.0, help="average data bits per K/V element")
     a.add_argument("--bits", default="1,1.58,2,3,4,6,8", help="allowed widths, comma separated")
-    a.add_argument("--method", default="sensitivity", choices=("norm", "weight-norm", "sensitivity"))
+    a.add_argument("--method", default="fisher", choices=("fisher", "sensitivity", "norm", "weight-norm"),
+                   help="fisher: loss-weighted errors (default); sensitivity: attention-output errors; "
+                        "norm / weight-norm: the reference c*2^(-2b) rule")
     a.add_argument("--norm", default="fro", choices=("fro", "spec"), help="norm used by --method norm")
     a.add_argument("--count-overhead", action="store_true", help="count scale/zero bits in the budget")
     a.add_argument("--stats", help="reuse (or write) the statistics file (.npz)")
@@ -131,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--value-axis", default="token", choices=("token", "channel"))
     a.add_argument("--group-k", type=_positive_int, default=64)
     a.add_argument("--group-v", type=_positive_int, default=64)
+    a.add_argument("--residual", type=_nonneg_int, default=128, help="the plan's full-precision window")
+    a.add_argument("--sink", type=_nonneg_int, default=4, help="the plan's full-precision first tokens")
     return ap
 
 
@@ -272,13 +276,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         windows = text_windows(tok, _read_text(args.calib), args.context, args.windows)
         stats = analyze(model, windows, bits=bits, key_axis=args.key_axis, value_axis=args.value_axis,
                         group_k=args.group_k, group_v=args.group_v, progress=not args.no_progress,
-                        meta={"calib_file": str(args.calib)})
+                        meta={"calib_file": str(args.calib)}, residual=args.residual, sink=args.sink)
         if stats_path is not None:
             stats.save(stats_path)
     alloc = allocate_detailed(
         stats, args.budget, method=args.method, bits=bits, norm=args.norm,
         count_overhead=args.count_overhead, key_axis=args.key_axis, value_axis=args.value_axis,
-        group_k=args.group_k, group_v=args.group_v, model_name=model.cfg.name)
+        group_k=args.group_k, group_v=args.group_v, residual=args.residual, sink=args.sink,
+        model_name=model.cfg.name)
     alloc.plan.save(out)
     summary = {"model": model.cfg.name, "method": args.method, "budget": args.budget, "out": str(out),
                "spent": float(alloc.spent), "k_bits": [float(b) for b in alloc.k_bits],

@@ -314,11 +314,12 @@ def test_bench_json(capsys, files):
 def test_analyze_writes_a_plan_that_eval_accepts(capsys, files, tmp_path):
     plan_path, stats_path, report = tmp_path / "plan.json", tmp_path / "stats.npz", tmp_path / "report"
     analyze = ["analyze", "--model", files["model"], "--calib", files["text"], "--context", "64", "--windows", "2",
-               "--bits", "2,4,8", "--budget", "3", "--out", plan_path, "--stats", stats_path, "--no-progress"]
+               "--bits", "2,4,8", "--budget", "3", "--out", plan_path, "--stats", stats_path, "--no-progress",
+               "--group-k", "32", "--group-v", "32", "--residual", "32", "--sink", "2"]
     rc, out, err = cli(capsys, *analyze, "--report", report)
     assert rc == 0, err
     summary = _json(out)
-    assert summary["model"] == "tiny test model" and summary["method"] == "sensitivity"
+    assert summary["model"] == "tiny test model" and summary["method"] == "fisher"
     assert summary["out"] == str(plan_path) and summary["spent"] <= 3
     assert len(summary["k_bits"]) == len(summary["v_bits"]) == CFG.n_layers
     assert (report / "report.md").is_file() and (report / "bits.png").stat().st_size > 0
@@ -340,6 +341,12 @@ def test_analyze_writes_a_plan_that_eval_accepts(capsys, files, tmp_path):
     assert rc == 0, err
     assert _json(out)["method"] == "norm"
     assert "method=norm" in json.loads(plan_path.read_text())["note"]
+    # windows no longer than sink + residual cannot measure Fisher errors: a clear error, no plan
+    short = tmp_path / "short.json"
+    rc, out, err = cli(capsys, "analyze", "--model", files["model"], "--calib", files["text"], "--context", "64",
+                       "--windows", "1", "--bits", "2,4", "--out", short, "--no-progress")
+    assert_user_error(rc, err, "longer --context")
+    assert not short.exists()
 
 
 # ------------------------------------------------------------------------------------ subprocess

@@ -105,11 +105,13 @@ def test_fisher_errors_shape_order_and_round_trip(stats, tmp_path):
     assert back.meta["residual"] == 32 and back.meta["sink"] == 2
 
 
-def test_protocol_leaves_short_windows_unquantized(model):
-    # windows no longer than sink + residual never read a quantized token: zero error
+def test_short_windows_measure_no_fisher_errors(model):
+    # windows no longer than sink + residual never read a quantized token: nothing to measure
     w = np.random.default_rng(5).integers(0, CFG.vocab_size, (2, 32)).astype(np.int32)
     st = analyze(model, w, bits=(2, 4), group_k=32, group_v=32, residual=32, sink=0, progress=False)
-    assert np.all(st.k_fisher_err == 0) and np.all(st.v_fisher_err == 0)
+    assert st.k_fisher_err is None and st.v_fisher_err is None
+    with pytest.raises(KvqError, match="longer than sink \\+ residual"):
+        allocate_detailed(st, 3.0, method="fisher")
 
 
 @pytest.mark.parametrize("budget", [1.5, 2.5, 3.0, 4.0])
