@@ -33,7 +33,8 @@ def quality(rows: list[dict]) -> str:
 def allocation(rows: list[dict]) -> str:
     out = ["| budget | plan | data bits spent | ppl | vs fp | KL vs fp | top-1 |",
            "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
+    order = {"uniform": 0, "norm": 1, "weight-norm": 2, "sensitivity": 3, "fisher": 4}
+    for r in sorted(rows, key=lambda r: (r["budget"], order.get(r["method"], 9))):
         name = r["label"] if r["method"] == "uniform" else f"{r['method']} rule"
         out.append(f"| {r['budget']:g} | {name} | {r['spent']:.2f} | {r['ppl']:.3f} | {_rel(r)} | "
                    f"{r['kl_vs_fp']:.4f} | {r['top1_agreement']:.3f} |")
