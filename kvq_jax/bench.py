@@ -41,10 +41,11 @@ def _decode(graphdef, state, tok, cache, *, steps: int, impl: str):
 
 def bench(model: Transformer, *, batch: int = 1, context: int = 512, new_tokens: int = 64,
           kv: KVPlan | DenseKV = DenseKV("float32"), attention_impl: str = "auto", seed: int = 0,
-          tokens: np.ndarray | None = None) -> dict[str, Any]:
-    """Times prefill of `[batch, context]` tokens (random unless given) and `new_tokens` decode steps."""
+          tokens: np.ndarray | None = None, repeats: int = 3) -> dict[str, Any]:
+    """Times prefill of `[batch, context]` tokens (random unless given) and `new_tokens` decode steps
+    (the median of `repeats` timed runs after a warm-up)."""
     cfg = model.cfg
-    if batch < 1 or context < 1 or new_tokens < 1:
+    if batch < 1 or context < 1 or new_tokens < 1 or repeats < 1:
         raise KvqError(f"--batch, --context and --new-tokens must be >= 1 (got {batch}, {context}, {new_tokens})")
     if not 0 <= seed <= 2**32 - 1:
         raise KvqError(f"--seed must be in [0, {2**32 - 1}], got {seed}")
@@ -63,12 +64,15 @@ def bench(model: Transformer, *, batch: int = 1, context: int = 512, new_tokens:
     t_prefill = time.perf_counter() - t0
     dec = _decode.lower(graphdef, state, tok, cache, steps=new_tokens, impl=impl).compile()
     jax.block_until_ready(dec(state, tok, cache))  # warm-up
-    t0 = time.perf_counter()
-    _, end = jax.block_until_ready(dec(state, tok, cache))
-    t_decode = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):  # the median of a few runs: a shared CPU is noisy
+        t0 = time.perf_counter()
+        _, end = jax.block_until_ready(dec(state, tok, cache))
+        times.append(time.perf_counter() - t0)
+    t_decode = float(np.median(times))
     return {
         "model": cfg.name, "kv": kv_name(kv), "attention": impl, "backend": jax.default_backend(),
-        "batch": batch, "context": context, "new_tokens": new_tokens,
+        "batch": batch, "context": context, "new_tokens": new_tokens, "decode_repeats": repeats,
         "prefill_s": t_prefill, "prefill_tokens_per_s": batch * context / t_prefill,
         "decode_s": t_decode, "decode_ms_per_step": 1e3 * t_decode / new_tokens,
         "decode_tokens_per_s": batch * new_tokens / t_decode,
