@@ -1,6 +1,7 @@
 """Decode throughput of SmolLM2 with the fp cache vs quantized caches (issue 2/3 tables).
 
-python benchmarks/speed.py --contexts 512 4096 8192 --batches 1 8 --kv fp K4V2 [--new-tokens 32]
+python benchmarks/speed.py --contexts 512 4096 8160 --batches 1 8 --kv fp K4V2 [--new-tokens 32]
+(8160 + 32 new tokens fill SmolLM2's 8192-token context.)
 Prints one `kvq-jax bench --json` result per line.
 """
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 
 
 def _rows(path: str) -> list[dict]:
@@ -45,8 +46,8 @@ def speed(rows: list[dict]) -> str:
     out = ["| context | batch | cache | prefill tok/s | decode tok/s | ms / step | cache bytes | bf16 bytes |",
            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        kv = r["kv"] if len(r["kv"]) < 12 else r["kv"].split(":")[1].split(";")[0:2]
-        kv = kv if isinstance(kv, str) else ("K" + kv[0].strip()[2:] + " V" + kv[1].strip()[2:])
+        m = re.search(r"K (\S+?)b/\S+; V (\S+?)b/", r["kv"])  # "30 layers: K 4b/channel/64; V 2b/..."
+        kv = f"K{m.group(1)}V{m.group(2)}" if m else r["kv"]
         out.append(f"| {r['context']} | {r['batch']} | {kv} | {r['prefill_tokens_per_s']:.0f} | "
                    f"{r['decode_tokens_per_s']:.1f} | {r['decode_ms_per_step']:.1f} | "
                    f"{r['kv_cache_bytes'] / 2**20:.1f} MiB | {r['kv_cache_bytes_bf16'] / 2**20:.1f} MiB |")

@@ -307,12 +307,16 @@ def synthetic_stats(L: int = 4, H: int = 2, D: int = 16, seed: int = 0, *,
     sv_ = 2.0 * cv / ref * rng.lognormal(0.0, 0.3, size=L)
     k_attn = sk[:, None] * decay_b[None, :]
     v_attn = sv_[:, None] * decay_b[None, :]
+    # loss-weighted errors: the attention errors times a per-layer loss weight
+    k_fisher = k_attn * rng.lognormal(0.0, 0.5, size=(L, 1))
+    v_fisher = v_attn * rng.lognormal(0.0, 0.5, size=(L, 1))
     return KVStats(
         bits=b, k_fro=fro(k_sv), k_spec=k_sv[..., 0], v_fro=fro(v_sv), v_spec=v_sv[..., 0],
         k_sv=k_sv, v_sv=v_sv, wk_fro=wk_fro, wk_spec=wk_spec, wv_fro=wv_fro, wv_spec=wv_spec,
         wk_fro_layer=_rss(wk_fro), wk_spec_layer=w_spec_layer(wk_spec),
         wv_fro_layer=_rss(wv_fro), wv_spec_layer=w_spec_layer(wv_spec),
         k_qerr=k_q, v_qerr=v_q, k_attn_err=k_attn, v_attn_err=v_attn,
+        k_fisher_err=k_fisher, v_fisher_err=v_fisher,
         k_fro_prerope=fro(k_sv_pre), k_spec_prerope=k_sv_pre[..., 0], k_sv_prerope=k_sv_pre,
         k_attn_err_head=k_attn[:, None, :] * k_share[:, :, None] * H,
         v_attn_err_head=v_attn[:, None, :] * v_share[:, :, None] * H,

@@ -267,6 +267,9 @@ def test_batching_does_not_change_the_stats(tiny_model, windows, stats):
     for f in dataclasses.fields(KVStats):
         if f.name != "meta":
             want = getattr(stats, f.name)
+            if want is None:  # e.g. Fisher errors: these windows are too short to measure them
+                assert getattr(one, f.name) is None, f.name
+                continue
             # spectra come from float32 Gram matrices: the tail is only good to ~sqrt(eps)·||X||
             atol = 1e-3 * np.max(want) if f.name.endswith(("_sv", "_sv_prerope")) else 1e-6
             np.testing.assert_allclose(getattr(one, f.name), want, rtol=1e-4, atol=atol, err_msg=f.name)
