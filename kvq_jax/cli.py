@@ -21,37 +21,26 @@ class _Parser(argparse.ArgumentParser):
         raise KvqError(message)
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
-
-
 _SEED_MAX = 2**32 - 1  # what both jax.random.key and numpy's default_rng accept everywhere
 
 
-def _seed(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if not 0 <= v <= _SEED_MAX:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, {_SEED_MAX}], got {v}")
-    return v
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi] (no upper bound if hi is None)."""
+
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            want = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"expected an integer {want}, got {v}")
+        return v
+
+    return parse
 
 
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
+_positive_int, _nonneg_int, _seed = _int_in(1), _int_in(0), _int_in(0, _SEED_MAX)
 
 
 def _finite_float(s: str) -> float:
