@@ -98,7 +98,7 @@ def dequant_chunk(t: PackedTensor, start: Array, n: int) -> Array:
         return jax.lax.dynamic_slice_in_dim(t.words, start, n, axis=2).astype(jnp.float32)
     p = packing.digits_per_word(spec.bits)
     words = jax.lax.dynamic_slice_in_dim(t.words, start // p, n // p, axis=2)
-    codes = packing.unpack(words, spec.bits).astype(jnp.float32)  # [B, H, n, D]
+    codes = packing.unpack(words, spec.bits, dtype=jnp.float32)  # [B, H, n, D]
     if spec.axis == "channel":
         g = spec.group
         sc = jax.lax.dynamic_slice_in_dim(t.scale, start // g, n // g, axis=2)
@@ -113,29 +113,40 @@ def dequant_chunk(t: PackedTensor, start: Array, n: int) -> Array:
     return codes * sc + zc
 
 
+def chunk_scores(q: Array, k: Array) -> Array:
+    """q `[B, H, R, D]` · k `[B, H, n, D]` → `[B, H, R, n]`, as one matrix-vector product per query head.
+
+    With R (query heads per KV head) this small, XLA:CPU runs the batched `[R, D] x [n, D]^T` product
+    about twice as slowly as R matrix-vector products over the same chunk (measured, see
+    benchmarks/RESULTS.md); on TPU/GPU the Pallas kernel reads the body instead.
+    """
+    return jnp.stack([jnp.einsum("bhnd,bhd->bhn", k, q[:, :, i]) for i in range(q.shape[2])], axis=2)
+
+
 def packed_xla(q: Array, layer: QuantLayer, n_valid: Array) -> tuple[Array, Array]:
     """Flash-decoding over the packed body in XLA: one chunk dequantized at a time, online softmax.
 
     q `[B, H, R, D]` pre-scaled; n_valid `[B]` packed tokens per row. Only chunks below
     `max(n_valid)` are read, so the cost follows the filled length, not the capacity.
     """
-    c = layer.chunk
+    c, nb = layer.chunk, layer.body_capacity
     b, h, r, d = q.shape
     n_chunks = (jnp.max(n_valid) + c - 1) // c
 
     def body(i, carry):
         m, l, acc = carry
-        start = i * c
-        k = dequant_chunk(layer.k, start, c)
-        v = dequant_chunk(layer.v, start, c)
-        s = jnp.einsum("bhrd,bhnd->bhrn", q, k)
-        ok = (start + jnp.arange(c))[None, :] < n_valid[:, None]
+        # The chunk need not divide the body: the last one is moved back to end at the body's end,
+        # and the tokens it shares with the previous chunk are masked out.
+        start = jnp.minimum(i * c, nb - c)
+        s = chunk_scores(q, dequant_chunk(layer.k, start, c))
+        pos = start + jnp.arange(c)
+        ok = (pos >= i * c)[None, :] & (pos[None, :] < n_valid[:, None])
         s = jnp.where(ok[:, None, None, :], s, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
         l = l * alpha + jnp.sum(p, axis=-1)
-        acc = acc * alpha[..., None] + jnp.einsum("bhrn,bhnd->bhrd", p, v)
+        acc = acc * alpha[..., None] + jnp.einsum("bhrn,bhnd->bhrd", p, dequant_chunk(layer.v, start, c))
         return m_new, l, acc
 
     init = (jnp.full((b, h, r), _NEG, jnp.float32), jnp.zeros((b, h, r), jnp.float32),

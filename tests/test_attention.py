@@ -38,10 +38,10 @@ def tok(bits, group=32):
     return QuantSpec(bits, "token", group)
 
 
-def build(keys, values, *, batch, d, capacity, hkv=2, residual=R, sink=S):
+def build(keys, values, *, batch, d, capacity, hkv=2, residual=R, sink=S, chunk=None):
     cfg = tiny_config(n_layers=len(keys), n_heads=hkv, n_kv_heads=hkv, head_dim=d)
     plan = KVPlan(tuple(keys), tuple(values), residual=residual, sink=sink)
-    return init_cache(cfg, plan, batch, capacity)
+    return init_cache(cfg, plan, batch, capacity, chunk=chunk)
 
 
 def counts(lay, n):
@@ -176,7 +176,7 @@ def prefilled():
     keys, values = zip(*READ_PAIRS)
     lengths = np.array([760, 45, 3])
     b, h, d, t = 3, 2, 64, 760
-    cache = build(keys, values, batch=b, d=d, capacity=800)
+    cache = build(keys, values, batch=b, d=d, capacity=800, chunk=256)
     xk, xv = kv_streams(np.random.default_rng(0), len(keys), b, h, t, d)
     layers = prefill_all(cache.layers, jnp.asarray(xk), jnp.asarray(xv), jnp.asarray(lengths, jnp.int32))
     # Row 0 spans two chunks of every layer's body loop (XLA path).
@@ -203,6 +203,38 @@ def test_read_quantized_equals_attention_over_dequantized_cache(prefilled, rep):
                 want = softmax_attend(q[row, hh].astype(np.float64), k[hh], v[hh])
                 np.testing.assert_allclose(out[row, hh], want, atol=1e-5, rtol=1e-5,
                                            err_msg=f"K {lay.k.spec} V {lay.v.spec} row {row} n={n}")
+
+
+@pytest.mark.parametrize("keys,values,chunk", [(ch(4, 64), tok(2, 64), 448), (tok(3), ch(1.58, 32), 700)])
+def test_packed_loop_result_does_not_depend_on_its_chunk(keys, values, chunk):
+    """Chunks that do not divide the body (the last one moved back, its overlap masked) give the same
+    attention as one chunk over the whole body, for full, ragged and short rows."""
+    b, h, d, cap = 3, 2, 64, 1540
+    cache = build([keys], [values], batch=b, d=d, capacity=cap, chunk=chunk, residual=64)
+    lay = cache.layers[0]
+    assert lay.body_capacity % lay.chunk, (lay.body_capacity, lay.chunk)
+    lengths = np.array([cap, lay.body_capacity - lay.chunk + S + 64 + 40, 90])
+    xk, xv = kv_streams(np.random.default_rng(3), 1, b, h, cap, d)
+    (lay,) = prefill_all((lay,), jnp.asarray(xk), jnp.asarray(xv), jnp.asarray(lengths, jnp.int32))
+    q = jnp.asarray(np.random.default_rng(4).standard_normal((b, h, 3, d)) * 0.3, jnp.float32)
+    n_quant = kvcache.quantized_count(lay, jnp.asarray(lengths, jnp.int32))
+    assert int(n_quant[0]) > lay.body_capacity - lay.chunk  # row 0 reaches the moved-back chunk
+    got = jax.jit(attention.packed_xla)(q, lay, n_quant)
+    want = jax.jit(attention.packed_xla)(q, lay.replace(chunk=lay.body_capacity), n_quant)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5)
+
+
+def test_loop_chunk_follows_batch_and_fits_the_body():
+    cfg = tiny_config(n_layers=1, n_heads=9, n_kv_heads=3, head_dim=64)
+    plan = KVPlan((ch(4, 64),), (tok(2, 64),), residual=128, sink=4)
+    chunks = {bsz: init_cache(cfg, plan, bsz, 8192).layers[0].chunk for bsz in (1, 8, 16)}
+    assert chunks == {1: 2048, 8: 1024, 16: 512}
+    small = init_cache(cfg, plan, 1, 300).layers[0]
+    assert small.chunk == small.body_capacity == 512  # never more than the body holds
+    assert init_cache(cfg, plan, 1, 8192, chunk=100).layers[0].chunk == 128  # rounded to the unit
+    with pytest.raises(KvqError, match="chunk must be a positive"):
+        init_cache(cfg, plan, 1, 8192, chunk=0)
 
 
 # ----------------------------------------------------------------------------- the entry point
