@@ -146,7 +146,9 @@ def init_cache(cfg: ModelConfig, kv: KVPlan | DenseKV, batch: int, capacity: int
         block = kv.block(i)
         base = chunk_tokens(ks, vs, block)  # the body's capacity is a multiple of ~512 tokens
         nb = max(base, -(-max(0, capacity - kv.sink) // base) * base)
-        loop = min(nb, chunk_tokens(ks, vs, block, chunk or loop_chunk_target(batch * h)))
+        # Never longer than the most tokens the body will hold packed (short contexts read less).
+        most = chunk_tokens(ks, vs, block, max(1, capacity - kv.sink - kv.residual))
+        loop = min(nb, most, chunk_tokens(ks, vs, block, chunk or loop_chunk_target(batch * h)))
         layers.append(QuantLayer(
             sink_k=jnp.zeros((batch, h, kv.sink, d), dtype),
             sink_v=jnp.zeros((batch, h, kv.sink, d), dtype),
