@@ -117,7 +117,7 @@ def chunk_scores(q: Array, k: Array) -> Array:
     """q `[B, H, R, D]` · k `[B, H, n, D]` → `[B, H, R, n]`, as one matrix-vector product per query head.
 
     With R (query heads per KV head) this small, XLA:CPU runs the batched `[R, D] x [n, D]^T` product
-    about twice as slowly as R matrix-vector products over the same chunk (measured, see
+    1.2-1.6x slower than R matrix-vector products over the same chunk (benchmarks/xla_cpu.py, table in
     benchmarks/RESULTS.md); on TPU/GPU the Pallas kernel reads the body instead.
     """
     return jnp.stack([jnp.einsum("bhnd,bhd->bhn", k, q[:, :, i]) for i in range(q.shape[2])], axis=2)

@@ -124,7 +124,7 @@ def init_cache(cfg: ModelConfig, kv: KVPlan | DenseKV, batch: int, capacity: int
 
     `dtype` is the full-precision dtype (sink, recent window, dense layers of a plan); a `DenseKV`
     uses its own dtype. `chunk` sets the tokens per step of the XLA packed-body loop (rounded up to
-    the layer's packing unit, at most the body's capacity; default `loop_chunk_target`).
+    the layer's packing unit, never more than the body can hold packed; default `loop_chunk_target`).
     """
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise KvqError(f"chunk must be a positive number of tokens, got {chunk!r}")
