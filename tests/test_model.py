@@ -80,3 +80,28 @@ def test_capacity_errors(tiny_model):
         generate(tiny_model, [[1] * 500], max_new_tokens=100)
     with pytest.raises(KvqError, match="empty prompt"):
         generate(tiny_model, [[]], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("kv", ["fp", "K4V2"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_loop_updates_the_cache_in_place(tiny_model, kv, batch):
+    """The compiled decode loop never copies a buffer that grows with the context (dense K/V, packed
+    words): a per-row write that re-read the old token once made XLA copy every dense buffer four
+    times per step at batch 1. (The fixed-size recent ring of a quantized layer is still copied.)"""
+    import re
+
+    from kvq_jax.bench import _decode
+    from kvq_jax.cache import DenseLayer
+    from kvq_jax.plan import parse_kv
+
+    cfg = tiny_model.cfg
+    cache = init_cache(cfg, parse_kv(kv, cfg.n_layers), batch, 1000)
+    big = [x for lay in cache.layers
+           for x in ((lay.k, lay.v) if isinstance(lay, DenseLayer) else (lay.k.words, lay.v.words))]
+    graphdef, state = nnx.split(tiny_model)
+    tok = jnp.zeros((batch,), jnp.int32)
+    hlo = _decode.lower(graphdef, state, tok, cache, steps=3, impl="xla").compile().as_text()
+    for x in big:
+        shape = f"{jnp.dtype(x.dtype).name.replace('float', 'f').replace('uint', 'u')}[{','.join(map(str, x.shape))}]"
+        copies = re.findall(re.escape(shape) + r"\{[0-9,]*\} copy\(", hlo)
+        assert not copies, f"{len(copies)} copies of {shape} in the decode loop"
