@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import time
 
@@ -28,6 +27,8 @@ from kvq_jax import attention, cache as kvcache, packing
 from kvq_jax.cache import QuantLayer, init_cache
 from kvq_jax.config import tiny_config
 from kvq_jax.plan import parse_kv
+
+import jsonl
 
 
 def _time(fn, *args, iters: int) -> float:
@@ -105,11 +106,7 @@ def main() -> None:
 
     def emit(rec: dict) -> None:
         rec.update(device=device, backend=jax.default_backend(), jax=jax.__version__)
-        line = json.dumps(rec)
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        jsonl.emit(rec, args.out)
 
     for ctx in args.contexts:
         for b in args.batches:

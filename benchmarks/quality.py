@@ -7,12 +7,13 @@ Each line printed (and appended to --out) is one `kvq-jax eval --json` result.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from kvq_jax.evaluate import evaluate
 from kvq_jax.loading import load
 from kvq_jax.plan import parse_kv
+
+from jsonl import emit
 
 # (label, --kv, overrides)
 CONFIGS = [
@@ -47,11 +48,7 @@ def main() -> None:
         r = evaluate(model, tok, text, context=args.context, windows=args.windows, kv=kv,
                      prefill=args.prefill, progress=False)
         r["label"] = label
-        line = json.dumps(r)
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        emit(r, args.out)
 
 
 if __name__ == "__main__":

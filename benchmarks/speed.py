@@ -8,11 +8,12 @@ Prints one `kvq-jax bench --json` result per line.
 from __future__ import annotations
 
 import argparse
-import json
 
 from kvq_jax.bench import bench
 from kvq_jax.loading import load
 from kvq_jax.plan import parse_kv
+
+from jsonl import emit
 
 
 def main() -> None:
@@ -30,11 +31,7 @@ def main() -> None:
             for spec in args.kv:
                 r = bench(model, batch=b, context=ctx, new_tokens=args.new_tokens,
                           kv=parse_kv(spec, model.cfg.n_layers), attention_impl=args.attention)
-                line = json.dumps(r)
-                print(line, flush=True)
-                if args.out:
-                    with open(args.out, "a") as f:
-                        f.write(line + "\n")
+                emit(r, args.out)
 
 
 if __name__ == "__main__":

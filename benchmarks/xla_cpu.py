@@ -15,7 +15,6 @@ batches, so `dense` is optimistic there; the whole-model numbers are `benchmarks
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import jax
@@ -27,7 +26,8 @@ from kvq_jax.cache import init_cache
 from kvq_jax.config import tiny_config
 from kvq_jax.plan import parse_kv
 
-from kernel import _random_layer  # same random fill as the kernel benchmark
+from jsonl import emit
+from kernel import _dense, _random_layer  # the kernel benchmark's random fill and dense read
 
 
 def _batched_scores(q, k):
@@ -43,12 +43,6 @@ def _packed(scores):
         finally:
             attention.chunk_scores = shipped
     return jax.jit(f)
-
-
-@jax.jit
-def _dense(q, k, v, n_valid):
-    mask = jnp.arange(k.shape[2])[None, :] < n_valid[:, None]
-    return attention._segment(q, k, v, mask)
 
 
 def main() -> None:
@@ -87,11 +81,7 @@ def main() -> None:
             rec = dict(kv=args.kv if path == "packed" else "fp32", path=path, scores=scores, chunk=c,
                        batch=b, context=args.context, best_ms=min(t), median_ms=float(np.median(t)),
                        device=jax.devices()[0].device_kind, jax=jax.__version__)
-            line = json.dumps(rec)
-            print(line, flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(line + "\n")
+            emit(rec, args.out)
 
 
 if __name__ == "__main__":
