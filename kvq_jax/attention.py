@@ -1,15 +1,19 @@
-"""The one attention entry point: write the new keys/values into the cache, then attend over it.
+"""The one attention entry point: attend over the cache and the new tokens, then write them.
 
-Prefill (T > 1, empty cache) attends at full precision over the prompt, as the reference does; what
-is quantized is what the cache keeps for later tokens. A decode step (T == 1) attends over the sink,
-the packed body and the recent window separately and merges the three with log-sum-exp. The packed
-body is read by the XLA path (a loop that dequantizes one chunk at a time) or by the Pallas kernel.
+Any number T >= 1 of new tokens at any fill: new token t of row b (position `lengths[b] + t`) attends
+to everything the row already holds, read as it is stored (a dense layer; or a quantized layer's
+sink, packed body and recent ring), and causally, at full precision, to the new tokens up to itself.
+The segments are attended separately and merged exactly with log-sum-exp; then the new tokens are
+written (`cache.write`). A one-shot prefill is this path on an empty cache; a decode step is T == 1.
+The packed body is read by the XLA path (a loop that dequantizes one chunk at a time) or by the
+Pallas kernel.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -64,28 +68,37 @@ def hadamard(d: int) -> np.ndarray:
 
 
 def _segment(q: Array, k: Array, v: Array, mask: Array) -> tuple[Array, Array]:
-    """Attention over one segment. q `[B, H, R, D]` (pre-scaled), k/v `[B, H, N, D]`, mask `[B, N]`.
+    """Attention over one segment. q `[B, H, R, D]` (pre-scaled), k/v `[B, H, N, D]`, mask `[B, N]`
+    (the same keys for every query row) or `[B, R, N]`.
 
     Returns the normalised output `[B, H, R, D]` and the log-sum-exp `[B, H, R]` (-inf if empty).
     """
+    mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
     s = jnp.einsum("bhrd,bhnd->bhrn", q, k.astype(q.dtype))
-    s = jnp.where(mask[:, None, None, :], s, _NEG)
+    s = jnp.where(mask, s, _NEG)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
     o = jnp.einsum("bhrn,bhnd->bhrd", p, v.astype(q.dtype)) / l
-    lse = jnp.where(jnp.any(mask, axis=-1)[:, None, None], (m + jnp.log(l))[..., 0], -jnp.inf)
+    lse = jnp.where(jnp.any(mask, axis=-1), (m + jnp.log(l))[..., 0], -jnp.inf)
     return o, lse
 
 
-def merge(parts: list[tuple[Array, Array]]) -> Array:
-    """Exact merge of normalised partial attentions by their log-sum-exp."""
-    lses = jnp.stack([lse for _, lse in parts])  # [S, B, H, R]
+def merge(parts: list[tuple[Array, Array]]) -> tuple[Array, Array]:
+    """Exact merge of normalised partial attentions `(out [..., R, D], lse [..., R])` by their
+    log-sum-exp: the one LSE merge (segments here, kernel splits in `pallas_kernels`).
+
+    Returns the merged output and log-sum-exp; rows empty in every part get out 0 and lse -inf.
+    """
+    lses = jnp.stack([lse for _, lse in parts])  # [S, ..., R]
     top = jnp.max(lses, axis=0)
     top = jnp.where(jnp.isfinite(top), top, 0.0)
-    w = jnp.exp(lses - top)  # exp(-inf) = 0 for empty segments
+    w = jnp.exp(lses - top)  # exp(-inf) = 0 for empty parts
+    den = jnp.sum(w, axis=0)
     out = sum(wi[..., None] * o for wi, (o, _) in zip(w, parts))
-    return out / jnp.maximum(jnp.sum(w, axis=0), 1e-30)[..., None]
+    out = out / jnp.where(den > 0, den, 1.0)[..., None]
+    lse = jnp.where(den > 0, top + jnp.log(jnp.where(den > 0, den, 1.0)), -jnp.inf)
+    return out, lse
 
 
 def dequant_chunk(t: PackedTensor, start: Array, n: int) -> Array:
@@ -113,49 +126,76 @@ def dequant_chunk(t: PackedTensor, start: Array, n: int) -> Array:
     return codes * sc + zc
 
 
-def chunk_scores(q: Array, k: Array) -> Array:
-    """q `[B, H, R, D]` · k `[B, H, n, D]` → `[B, H, R, n]`, as one matrix-vector product per query head.
+_GEMV_ROWS = 8  # query rows per KV head up to which q·k runs as matrix-vector products
 
-    With R (query heads per KV head) this small, XLA:CPU runs the batched `[R, D] x [n, D]^T` product
-    1.2-1.6x slower than R matrix-vector products over the same chunk (benchmarks/xla_cpu.py, table in
-    benchmarks/RESULTS.md); on TPU/GPU the Pallas kernel reads the body instead.
+
+def chunk_scores(q: Array, k: Array) -> Array:
+    """q `[B, H, R, D]` · k `[B, H, n, D]` → `[B, H, R, n]`.
+
+    For a decode step (R = query heads per KV head, small) as one matrix-vector product per query row:
+    XLA:CPU runs the batched `[R, D] x [n, D]^T` product 1.2-1.6x slower than R matrix-vector products
+    over the same chunk (benchmarks/xla_cpu.py, table in benchmarks/RESULTS.md). Prefill chunks (many
+    rows) use one matrix product.
     """
+    if q.shape[2] > _GEMV_ROWS:
+        return jnp.einsum("bhrd,bhnd->bhrn", q, k)
     return jnp.stack([jnp.einsum("bhnd,bhd->bhn", k, q[:, :, i]) for i in range(q.shape[2])], axis=2)
 
 
-def packed_xla(q: Array, layer: QuantLayer, n_valid: Array) -> tuple[Array, Array]:
-    """Flash-decoding over the packed body in XLA: one chunk dequantized at a time, online softmax.
+def flash_loop(q: Array, fetch: Callable[[Array, int], tuple[Array, Array]], n_valid: Array,
+               chunk: int, total: int) -> tuple[Array, Array]:
+    """Online-softmax attention over stored tokens `[0, n_valid[b])`, one chunk at a time.
 
-    q `[B, H, R, D]` pre-scaled; n_valid `[B]` packed tokens per row. Only chunks below
-    `max(n_valid)` are read, so the cost follows the filled length, not the capacity.
+    q `[B, H, R, D]` pre-scaled; `fetch(start, n)` → k, v `[B, H, n, D]` float32 (tokens
+    [start, start + n) of a store of `total` tokens); n_valid `[B]`, or `[B, R]` per query row (causal
+    reads). Only chunks below `max(n_valid)` are read, so the cost follows the filled length, not the
+    capacity. Returns out `[B, H, R, D]` and lse `[B, H, R]`.
     """
-    c, nb = layer.chunk, layer.body_capacity
+    c = min(chunk, total)
     b, h, r, d = q.shape
+    lim = (n_valid[:, None] if n_valid.ndim == 1 else n_valid)[:, None, :, None]  # [B, 1, R | 1, 1]
     n_chunks = (jnp.max(n_valid) + c - 1) // c
 
     def body(i, carry):
         m, l, acc = carry
-        # The chunk need not divide the body: the last one is moved back to end at the body's end,
+        # The chunk need not divide the store: the last one is moved back to end at the store's end,
         # and the tokens it shares with the previous chunk are masked out.
-        start = jnp.minimum(i * c, nb - c)
-        s = chunk_scores(q, dequant_chunk(layer.k, start, c))
+        start = jnp.minimum(i * c, total - c)
+        kc, vc = fetch(start, c)
+        s = chunk_scores(q, kc)
         pos = start + jnp.arange(c)
-        ok = (pos >= i * c)[None, :] & (pos[None, :] < n_valid[:, None])
-        s = jnp.where(ok[:, None, None, :], s, _NEG)
+        s = jnp.where((pos >= i * c) & (pos < lim), s, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
         l = l * alpha + jnp.sum(p, axis=-1)
-        acc = acc * alpha[..., None] + jnp.einsum("bhrn,bhnd->bhrd", p, dequant_chunk(layer.v, start, c))
+        acc = acc * alpha[..., None] + jnp.einsum("bhrn,bhnd->bhrd", p, vc)
         return m_new, l, acc
 
     init = (jnp.full((b, h, r), _NEG, jnp.float32), jnp.zeros((b, h, r), jnp.float32),
             jnp.zeros((b, h, r, d), jnp.float32))
     m, l, acc = jax.lax.fori_loop(0, n_chunks, body, init)
-    empty = (n_valid == 0)[:, None, None]
+    empty = lim[..., 0] == 0
     out = jnp.where(empty[..., None], 0.0, acc / jnp.maximum(l, 1e-30)[..., None])
     lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.maximum(l, 1e-30)))
     return out, lse
+
+
+def packed_xla(q: Array, layer: QuantLayer, n_valid: Array) -> tuple[Array, Array]:
+    """Flash-decoding over the packed body in XLA: one chunk dequantized at a time, online softmax.
+
+    q `[B, H, R, D]` pre-scaled; n_valid `[B]` packed tokens per row.
+    """
+    fetch = lambda start, n: (dequant_chunk(layer.k, start, n), dequant_chunk(layer.v, start, n))
+    return flash_loop(q, fetch, n_valid, layer.chunk, layer.body_capacity)
+
+
+def dense_read(q: Array, layer: DenseLayer, n_valid: Array) -> tuple[Array, Array]:
+    """Attention over the first `n_valid` positions (`[B]` or `[B, R]`) of a dense layer, in chunks."""
+    b, h, cap, _ = layer.k.shape
+    fetch = lambda start, n: tuple(jax.lax.dynamic_slice_in_dim(x, start, n, axis=2).astype(jnp.float32)
+                                   for x in (layer.k, layer.v))
+    return flash_loop(q, fetch, n_valid, kvcache.loop_chunk_target(b * h), cap)
 
 
 def packed_pallas(q: Array, layer: QuantLayer, n_valid: Array, interpret: bool) -> tuple[Array, Array]:
@@ -170,14 +210,20 @@ def packed_pallas(q: Array, layer: QuantLayer, n_valid: Array, interpret: bool) 
     )
 
 
-def read_quantized(q: Array, layer: QuantLayer, lengths: Array, impl: str) -> Array:
-    """Decode attention over a quantized layer. q `[B, Hkv, R, D]` pre-scaled, lengths after append."""
+_KERNEL_ROWS = 16  # query rows per KV head the kernel takes (one Triton tile); prefill chunks use XLA
+
+
+def read_quantized(q: Array, layer: QuantLayer, lengths: Array, impl: str) -> tuple[Array, Array]:
+    """Attention over what a quantized layer holds for rows of `lengths[b]` positions.
+
+    q `[B, Hkv, R, D]` pre-scaled (R query rows per KV head: the GQA heads of one or more tokens).
+    The sink, the packed body and the recent ring are attended separately and LSE-merged.
+    """
     s, r = layer.sink, layer.residual
-    sink_mask = jnp.arange(s)[None, :] < lengths[:, None]
-    parts = [_segment(q, layer.sink_k, layer.sink_v, sink_mask)] if s else []
+    parts = [_segment(q, layer.sink_k, layer.sink_v, jnp.arange(s)[None, :] < lengths[:, None])] if s else []
     n_quant = kvcache.quantized_count(layer, lengths)
     dense_body = layer.k.spec.dense or layer.v.spec.dense
-    if impl == "xla" or dense_body:
+    if impl == "xla" or dense_body or q.shape[2] > _KERNEL_ROWS:
         parts.append(packed_xla(q, layer, n_quant))
     else:
         parts.append(packed_pallas(q, layer, n_quant, interpret=impl == "pallas_interpret"))
@@ -189,35 +235,50 @@ def read_quantized(q: Array, layer: QuantLayer, lengths: Array, impl: str) -> Ar
     return merge(parts)
 
 
-# ----------------------------------------------------------------------------- prefill
+# ----------------------------------------------------------------------------- new tokens
 
 
-def causal_attention(q: Array, k: Array, v: Array, n_new: Array, block: int = 256) -> Array:
-    """Full-precision causal attention within a prompt chunk.
+def causal_new(q: Array, k: Array, v: Array, q_tok: Array, n_new: Array) -> tuple[Array, Array]:
+    """Full-precision causal attention of query rows over the new tokens.
+
+    q `[B, H, R, D]` pre-scaled with `q_tok [R]` the new-token index of each row, k/v `[B, H, T, D]`,
+    n_new `[B]` valid new tokens per row. Returns out `[B, H, R, D]`, lse `[B, H, R]`.
+    """
+    kpos = jnp.arange(k.shape[2])
+    mask = (kpos[None, None, :] <= q_tok[None, :, None]) & (kpos[None, None, :] < n_new[:, None, None])
+    return _segment(q, k, v, mask)
+
+
+def causal_attention(q: Array, k: Array, v: Array, n_new: Array) -> Array:
+    """Full-precision causal attention within a prompt (no cache).
 
     q `[B, Hkv, R, T, D]` pre-scaled, k/v `[B, Hkv, T, D]`, n_new `[B]` valid tokens per row.
-    Queries are processed `block` at a time so memory stays `O(block * T)`.
     """
-    t = q.shape[3]
-    kpos = jnp.arange(t)
+    b, h, rep, t, d = q.shape
+    rows = q.transpose(0, 1, 3, 2, 4).reshape(b, h, t * rep, d)
+    out = _by_query_blocks(rows, rep, t, lambda qb, tok: causal_new(qb, k, v, tok, n_new)[0])
+    return out.reshape(b, h, t, rep, d).transpose(0, 1, 3, 2, 4)
 
-    def one(q_blk: Array, qpos: Array) -> Array:
-        s = jnp.einsum("bhrqd,bhkd->bhrqk", q_blk, k.astype(q.dtype))
-        ok = (kpos[None, :] <= qpos[:, None])[None] & (kpos[None, None, :] < n_new[:, None, None])
-        s = jnp.where(ok[:, None, None], s, _NEG)
-        p = jax.nn.softmax(s, axis=-1)
-        return jnp.einsum("bhrqk,bhkd->bhrqd", p, v.astype(q.dtype))
 
-    if t <= block:
-        return one(q, kpos)
-    nb = -(-t // block)
-    pad = nb * block - t
-    qp = jnp.pad(q, ((0, 0),) * 3 + ((0, pad), (0, 0)))
-    qb = qp.reshape(q.shape[:3] + (nb, block, q.shape[4])).transpose(3, 0, 1, 2, 4, 5)
-    pos = jnp.arange(nb * block).reshape(nb, block)
-    out = jax.lax.map(lambda a: one(*a), (qb, pos))  # [nb, B, H, R, block, D]
-    out = out.transpose(1, 2, 3, 0, 4, 5).reshape(q.shape[:3] + (nb * block, q.shape[4]))
-    return out[:, :, :, :t]
+_QUERY_BLOCK = 256  # new tokens attended at once: scores stay O(block x (cache chunk + T))
+
+
+def _by_query_blocks(q: Array, rep: int, t: int, fn: Callable[[Array, Array], Array]) -> Array:
+    """Applies `fn(q_rows, q_tok)` to blocks of `_QUERY_BLOCK` tokens' query rows (`rep` per token).
+
+    q `[B, H, T * rep, D]`, rows ordered token-major. Returns `[B, H, T * rep, D]`.
+    """
+    tok = jnp.arange(t * rep) // rep
+    if t <= _QUERY_BLOCK:
+        return fn(q, tok)
+    nb = -(-t // _QUERY_BLOCK)
+    rows = _QUERY_BLOCK * rep
+    pad = nb * rows - t * rep
+    b, h, _, d = q.shape
+    qb = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b, h, nb, rows, d).transpose(2, 0, 1, 3, 4)
+    tb = (jnp.arange(nb * rows) // rep).reshape(nb, rows)
+    out = jax.lax.map(lambda a: fn(*a), (qb, tb))  # [nb, B, H, rows, D]
+    return out.transpose(1, 2, 0, 3, 4).reshape(b, h, nb * rows, d)[:, :, : t * rep]
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -228,8 +289,8 @@ def attention(q: Array, k: Array, v: Array, layer: LayerCache, lengths: Array, n
     """Attention with a cache, the single entry point used by the model.
 
     q `[B, T, Hq, D]`, k/v `[B, T, Hkv, D]` (RoPE applied), lengths `[B]` positions already cached,
-    n_new `[B]` valid new tokens per row. T > 1 is a prefill into an empty cache; T == 1 a decode step.
-    Returns the output `[B, T, Hq, D]` and the updated layer cache.
+    n_new `[B]` valid new tokens per row (any T >= 1 at any fill). Returns the output `[B, T, Hq, D]`
+    (rows past `n_new[b]` are padding) and the layer cache holding the new tokens too.
     """
     b, t, hq, d = q.shape
     hkv = k.shape[2]
@@ -237,24 +298,32 @@ def attention(q: Array, k: Array, v: Array, layer: LayerCache, lengths: Array, n
     rot = None
     if isinstance(layer, QuantLayer) and layer.rotate == "hadamard":
         # The cache holds k @ H and v @ H (H orthonormal, H @ H = I): q.k is unchanged with q @ H, and
-        # the output is rotated back; outlier channels are spread before quantization.
+        # the cached segments' output is rotated back; outlier channels are spread before quantization.
         rot = jnp.asarray(hadamard(d), q.dtype)
     heads = lambda x: x.transpose(0, 2, 1, 3)  # [B, T, H, D] -> [B, H, T, D]
-    qh = (q * (1.0 / math.sqrt(d))).reshape(b, t, hkv, rep, d).transpose(0, 2, 3, 1, 4)  # [B,Hkv,R,T,D]
-    kc, vc = (k, v) if rot is None else (k @ rot, v @ rot)
-    if t > 1:
-        out = causal_attention(qh, heads(k), heads(v), n_new)
-        layer = kvcache.prefill(layer, heads(kc), heads(vc), n_new)
+    # Query rows token-major: row t * rep + i is query head i of KV head h for new token t.
+    qh = (q * (1.0 / math.sqrt(d))).reshape(b, t, hkv, rep, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, t * rep, d)
+    kh, vh = heads(k), heads(v)
+    impl = resolve_impl(impl)
+    if isinstance(layer, DenseLayer):
+        # A dense layer stores what it is given, so the new tokens are written first and every query
+        # reads the buffer causally (up to its own position); written before it is read, the buffer is
+        # updated in place (the reverse order made XLA copy it).
+        layer = kvcache.write(layer, kh, vh, lengths, n_new)
+        upto = lambda tok: lengths[:, None] + jnp.minimum(tok[None, :] + 1, n_new[:, None])  # [B, rows]
+        out = _by_query_blocks(qh, rep, t, lambda qb, tok: dense_read(qb, layer, upto(tok))[0])
     else:
-        layer = kvcache.append(layer, heads(kc), heads(vc), lengths)
-        n = lengths + 1
-        q1 = qh[:, :, :, 0]
-        if isinstance(layer, DenseLayer):
-            mask = jnp.arange(layer.k.shape[2])[None, :] < n[:, None]
-            out, _ = _segment(q1, layer.k, layer.v, mask)
-        else:
-            out = read_quantized(q1 if rot is None else q1 @ rot, layer, n, resolve_impl(impl))
-            out = out if rot is None else out @ rot
-        out = out[:, :, :, None]
-    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)  # [B, T, Hq, D]
+        kc, vc = (kh, vh) if rot is None else (kh @ rot, vh @ rot)
+        # The body is flushed first (it only changes past what is read: the old Q(n) packed tokens),
+        # then the old sink and ring are read, then overwritten.
+        flushed = kvcache.flush(layer, kc, vc, lengths, n_new)
+
+        def block(qb: Array, q_tok: Array) -> Array:
+            o, lse = read_quantized(qb if rot is None else qb @ rot, flushed, lengths, impl)
+            cached = (o if rot is None else o @ rot, lse)
+            return merge([cached, causal_new(qb, kh, vh, q_tok, n_new)])[0]
+
+        out = _by_query_blocks(qh, rep, t, block)
+        layer = kvcache.write_window(flushed, kc, vc, lengths, n_new)
+    out = out.reshape(b, hkv, t, rep, d).transpose(0, 2, 1, 3, 4).reshape(b, t, hq, d)
     return out.astype(q.dtype), layer

@@ -166,133 +166,124 @@ def init_cache(cfg: ModelConfig, kv: KVPlan | DenseKV, batch: int, capacity: int
 
 
 def quantized_count(layer: QuantLayer, lengths: Array) -> Array:
-    """Body tokens held in packed form per row: `G * ceil(max(0, m - R) / G)`, `m = max(0, n - S)`."""
+    """Body tokens held in packed form per row: `G * ceil(max(0, m - R) / G)`, `m = max(0, n - S)`.
+
+    Never more than m: with R >= G that holds by itself; a window-less layer (R = 0, dense bodies
+    only) holds every body token in the body.
+    """
     m = jnp.maximum(lengths - layer.sink, 0)
     g = layer.block
-    return g * ((jnp.maximum(m - layer.residual, 0) + g - 1) // g)
+    return jnp.minimum(g * ((jnp.maximum(m - layer.residual, 0) + g - 1) // g), m)
 
 
 # ----------------------------------------------------------------------------- writes
 
 
-def _quantize_into(t: PackedTensor, x: Array, start: Array, enabled: Array, block: int) -> PackedTensor:
-    """Quantizes G tokens `x [H, G, D]` of one row into body tokens [start, start+G) if `enabled`."""
-    spec = t.spec
-    if spec.dense:
-        old = jax.lax.dynamic_slice_in_dim(t.words, start, block, axis=1)
-        new = jnp.where(enabled, x.astype(t.words.dtype), old)
-        return t.replace(words=jax.lax.dynamic_update_slice_in_dim(t.words, new, start, axis=1))
-    codes, s, z = quant.quantize(x, spec.bits, spec.axis, spec.group, scale_dtype=t.scale.dtype)
-    words = packing.add_block(t.words, codes, start, spec.bits, enabled=enabled)
-    at = start // spec.group if spec.axis == "channel" else start
-    n = s.shape[1]
-    old_s = jax.lax.dynamic_slice_in_dim(t.scale, at, n, axis=1)
-    old_z = jax.lax.dynamic_slice_in_dim(t.zero, at, n, axis=1)
-    scale = jax.lax.dynamic_update_slice_in_dim(t.scale, jnp.where(enabled, s, old_s), at, axis=1)
-    zero = jax.lax.dynamic_update_slice_in_dim(t.zero, jnp.where(enabled, z, old_z), at, axis=1)
-    return t.replace(words=words, scale=scale, zero=zero)
+def _scatter(buf: Array, x: Array, at: Array, enabled: Array) -> Array:
+    """Per row b and token t: `buf[b, :, at[b, t]] = x[b, :, t]` where `enabled[b, t]`.
 
-
-def _write_rows(buf: Array, x: Array, at: Array, enabled: Array | None = None) -> Array:
-    """Per row b: `buf[b, :, at[b]] = x[b, :, 0]` where `enabled[b]` (all rows if None).
-
-    buf `[B, H, N, D]`, x `[B, H, 1, D]`. One scatter that drops disabled rows (their index is pushed out
-    of range) and reads nothing back from `buf`: XLA then updates the buffer in place. A per-row
-    dynamic_update_slice that kept the old token made XLA copy whole cache buffers every step.
+    buf `[B, H, N, X]`, x `[B, H, T, X]`, at / enabled `[B, T]`. One scatter that drops disabled and
+    out-of-range tokens (their index is pushed past N) and reads nothing back from `buf`: XLA then
+    updates the buffer in place (a read-modify-write that kept old tokens made XLA copy whole cache
+    buffers every step). Enabled indices of a row must be distinct.
     """
     b, h, n, _ = buf.shape
-    at = jnp.clip(at, 0, n - 1)
-    if enabled is not None:
-        at = jnp.where(enabled, at, n)
-    rows = jnp.arange(b)[:, None]
-    heads = jnp.arange(h)[None, :]
-    return buf.at[rows, heads, at[:, None]].set(x[:, :, 0].astype(buf.dtype), mode="drop")
+    at = jnp.where(enabled & (at >= 0) & (at < n), at, n)
+    rows = jnp.arange(b)[:, None, None]
+    heads = jnp.arange(h)[None, :, None]
+    return buf.at[rows, heads, at[:, None, :]].set(x.astype(buf.dtype), mode="drop")
 
 
-def append(layer: LayerCache, k: Array, v: Array, lengths: Array) -> LayerCache:
-    """Stores one new token per row at position `lengths[b]`. k, v: `[B, H, 1, D]`."""
-    if isinstance(layer, DenseLayer):
-        return layer.replace(k=_write_rows(layer.k, k, lengths), v=_write_rows(layer.v, v, lengths))
-    s, r, g = layer.sink, layer.residual, layer.block
-    in_sink = lengths < s
-    j = jnp.maximum(lengths - s, 0)  # body index of the new token
-    q_old = quantized_count(layer, lengths)
-    flush = jnp.logical_and(~in_sink, j - q_old == r)
+def _store_body(t: PackedTensor, x: Array, start: Array, live: Array) -> PackedTensor:
+    """Stores body tokens `x [B, H, F, D]` at body index `start[b]` onward where `live [B, F]`.
 
-    def do_flush(lay: QuantLayer) -> QuantLayer:
-        def row(kt, vt, rk, rv, q, f):
-            slot = q % r
-            kb = jax.lax.dynamic_slice_in_dim(rk, slot, g, axis=1)
-            vb = jax.lax.dynamic_slice_in_dim(rv, slot, g, axis=1)
-            return _quantize_into(kt, kb, q, f, g), _quantize_into(vt, vb, q, f, g)
-
-        kt, vt = jax.vmap(row)(lay.k, lay.v, lay.recent_k, lay.recent_v, q_old, flush)
-        return lay.replace(k=kt, v=vt)
-
-    layer = jax.lax.cond(jnp.any(flush), do_flush, lambda lay: lay, layer)
-    slot = j % max(r, 1)
-    if s:  # a 0-token sink has nothing to write (and a 0-length slice cannot take one token)
-        layer = layer.replace(sink_k=_write_rows(layer.sink_k, k, lengths, in_sink),
-                              sink_v=_write_rows(layer.sink_v, v, lengths, in_sink))
-    return layer.replace(
-        recent_k=_write_rows(layer.recent_k, k, slot, ~in_sink),
-        recent_v=_write_rows(layer.recent_v, v, slot, ~in_sink),
-    )
-
-
-def _prefill_packed(t: PackedTensor, body: Array, n_quant: Array, block: int) -> PackedTensor:
-    """Quantizes body tokens `[0, n_quant[b])` of `body [B, H, T, D]` (T a multiple of `block`)."""
+    F is a multiple of the layer's block and `start` a block boundary, so every quantization group
+    (G tokens per channel, or one token's channels) is quantized from exactly its own tokens: what a
+    block stores never depends on how the tokens arrived.
+    """
     spec = t.spec
-    tb = body.shape[2]
-    valid = (jnp.arange(tb)[None, :] < n_quant[:, None])[:, None, :, None]  # [B, 1, T, 1]
+    f = x.shape[2]
+    idx = start[:, None] + jnp.arange(f)[None, :]
     if spec.dense:
-        x = jnp.where(valid, body, 0).astype(t.words.dtype)
-        return t.replace(words=jax.lax.dynamic_update_slice_in_dim(t.words, x, 0, axis=2))
-    codes, s, z = quant.quantize(body, spec.bits, spec.axis, spec.group, scale_dtype=t.scale.dtype, valid=valid)
-    codes = jnp.where(valid, codes, 0).astype(codes.dtype)
-    words = jax.lax.dynamic_update_slice_in_dim(t.words, packing.pack(codes, spec.bits), 0, axis=2)
-    return t.replace(
-        words=words,
-        scale=jax.lax.dynamic_update_slice_in_dim(t.scale, s, 0, axis=2),
-        zero=jax.lax.dynamic_update_slice_in_dim(t.zero, z, 0, axis=2),
-    )
+        return t.replace(words=_scatter(t.words, x, idx, live))
+    codes, s, z = quant.quantize(x, spec.bits, spec.axis, spec.group, scale_dtype=t.scale.dtype,
+                                 valid=live[:, None, :, None])
+    codes = jnp.where(live[:, None, :, None], codes, 0).astype(codes.dtype)
+    # Digits of the body past `start` are still zero, so the codes are added into the words.
+    words = jax.vmap(lambda w, c, at: packing.add_block(w, c, at, spec.bits))(t.words, codes, start)
+    if spec.axis == "channel":
+        g = spec.group
+        rows, rows_live = idx[:, ::g] // g, live[:, ::g]
+    else:
+        rows, rows_live = idx, live
+    return t.replace(words=words, scale=_scatter(t.scale, s, rows, rows_live),
+                     zero=_scatter(t.zero, z, rows, rows_live))
 
 
-def prefill(layer: LayerCache, k: Array, v: Array, n_new: Array) -> LayerCache:
-    """Writes the first `n_new[b]` tokens of k, v `[B, H, T, D]` into an EMPTY layer cache."""
-    t = k.shape[2]
+def write(layer: LayerCache, k: Array, v: Array, lengths: Array, n_new: Array) -> LayerCache:
+    """Stores the first `n_new[b]` of k, v `[B, H, T, D]` at positions `lengths[b] + t`.
+
+    The one write of the cache, for any T at any fill: `write_window(flush(...))` for a quantized
+    layer. A row with `n_new[b] == 0` is left exactly as it was. Positions at or past the capacity are
+    dropped, never wrapped: callers check the capacity before launch.
+    """
     if isinstance(layer, DenseLayer):
-        return layer.replace(
-            k=jax.lax.dynamic_update_slice_in_dim(layer.k, k.astype(layer.k.dtype), 0, axis=2),
-            v=jax.lax.dynamic_update_slice_in_dim(layer.v, v.astype(layer.v.dtype), 0, axis=2),
-        )
+        pos, valid = _positions(k, lengths, n_new)
+        return layer.replace(k=_scatter(layer.k, k, pos, valid), v=_scatter(layer.v, v, pos, valid))
+    return write_window(flush(layer, k, v, lengths, n_new), k, v, lengths, n_new)
+
+
+def _positions(k: Array, lengths: Array, n_new: Array) -> tuple[Array, Array]:
+    """Positions `[B, T]` of the new tokens and which of them are real."""
+    tok = jnp.arange(k.shape[2])[None, :]
+    return lengths[:, None] + tok, tok < n_new[:, None]
+
+
+def flush(layer: QuantLayer, k: Array, v: Array, lengths: Array, n_new: Array) -> QuantLayer:
+    """The packed-body half of `write`: quantizes every body block the ring overflows into.
+
+    Body blocks `[Q(n), Q(n + n_new))` are taken, in order, from the ring (old tokens) and from the new
+    tokens k, v `[B, H, T, D]`. Only body digits and scale rows at or past Q(n) change, so a reader of
+    the first Q(n) body tokens sees them as before (attention reads the old cache through this).
+    """
     s, r, g = layer.sink, layer.residual, layer.block
+    t = k.shape[2]
+    m0 = jnp.maximum(lengths - s, 0)
+    q0, q1 = quantized_count(layer, lengths), quantized_count(layer, lengths + n_new)
 
-    def fit(x: Array, n: int) -> Array:  # pad or cut the token axis to n
-        x = x[:, :, :n]
-        return jnp.pad(x, ((0, 0), (0, 0), (0, n - x.shape[2]), (0, 0)))
+    def run(lay: QuantLayer) -> QuantLayer:
+        f = g * -(-t // g)  # Q1 - Q0 <= G * ceil(T / G)
+        j = q0[:, None] + jnp.arange(f)[None, :]
+        # Body token j is in ring slot j % R while j < m0, else new token j + S - lengths.
+        src = jnp.where(j < m0[:, None], j % max(r, 1), r + j + s - lengths[:, None])
+        src = jnp.clip(src, 0, r + t - 1)[:, None, :, None]
+        live = j < q1[:, None]
 
-    sink_k, sink_v = fit(k, s), fit(v, s)
-    tb = -(-max(t - s, 0) // g) * g
-    body_k = fit(k[:, :, s:], tb)
-    body_v = fit(v[:, :, s:], tb)
-    m = jnp.maximum(n_new - s, 0)
-    n_quant = quantized_count(layer, n_new)
-    kt = _prefill_packed(layer.k, body_k, n_quant, g) if tb else layer.k
-    vt = _prefill_packed(layer.v, body_v, n_quant, g) if tb else layer.v
-    # Ring slot i holds body token j = Q + ((i - Q) mod R), if j < m.
-    i = jnp.arange(r)
-    j = n_quant[:, None] + (i[None, :] - n_quant[:, None]) % max(r, 1)  # [B, R]
-    ok = (j < m[:, None])[:, None, :, None]
-    idx = jnp.clip(j, 0, max(tb - 1, 0))[:, None, :, None]
+        def tokens(ring: Array, new: Array) -> Array:
+            pool = jnp.concatenate([ring, new.astype(ring.dtype)], axis=2)  # [B, H, R + T, D]
+            return jnp.take_along_axis(pool, jnp.broadcast_to(src, (*pool.shape[:2], f, pool.shape[3])), axis=2)
 
-    def ring(body: Array, like: Array) -> Array:
-        if tb == 0:
-            return like
-        got = jnp.take_along_axis(body, jnp.broadcast_to(idx, body.shape[:2] + (r, body.shape[3])), axis=2)
-        return jnp.where(ok, got, 0).astype(like.dtype)
+        return lay.replace(k=_store_body(lay.k, tokens(lay.recent_k, k), q0, live),
+                           v=_store_body(lay.v, tokens(lay.recent_v, v), q0, live))
 
-    return layer.replace(
-        sink_k=sink_k.astype(layer.sink_k.dtype), sink_v=sink_v.astype(layer.sink_v.dtype),
-        recent_k=ring(body_k, layer.recent_k), recent_v=ring(body_v, layer.recent_v), k=kt, v=vt,
-    )
+    return jax.lax.cond(jnp.any(q1 > q0), run, lambda lay: lay, layer)
+
+
+def write_window(layer: QuantLayer, k: Array, v: Array, lengths: Array, n_new: Array) -> QuantLayer:
+    """The full-precision half of `write`: new positions below S go to the sink, and the newest R
+    body tokens of the call to the ring (body token j in slot j % R), after `flush` took what they
+    overwrite."""
+    s, r = layer.sink, layer.residual
+    pos, valid = _positions(k, lengths, n_new)
+    if s:  # a 0-token sink has nothing to write
+        in_sink = valid & (pos < s)
+        layer = layer.replace(sink_k=_scatter(layer.sink_k, k, pos, in_sink),
+                              sink_v=_scatter(layer.sink_v, v, pos, in_sink))
+    if r:
+        j = pos - s
+        m1 = jnp.maximum(lengths + n_new - s, 0)
+        # Only the newest R body tokens of the call reach the ring, so a slot is written at most once.
+        ring = valid & (j >= 0) & (j >= m1[:, None] - r)
+        layer = layer.replace(recent_k=_scatter(layer.recent_k, k, j % r, ring),
+                              recent_v=_scatter(layer.recent_v, v, j % r, ring))
+    return layer

@@ -6,7 +6,8 @@ For layer l, tensor K (or V) and width b:
 
 A_l `[B, T, Hq, D]` is the layer's attention output (before W_o). "Quantized" follows the cache: a query
 at position t sees the sink and its recent window in full precision and only the older body tokens
-`[S, S + Q(t))` quantized (Q(t) = G * ceil(max(0, t + 1 - S - R) / G), the cache's flush rule), with
+`[S, S + Q(t))` quantized (Q(t) = G * ceil(max(0, t - S - R) / G): what the cache holds packed when
+the token at position t arrives, read before it is written), with
 the plan's grouping. F_l = (dNLL/dA_l)^2 is the empirical Fisher diagonal of the calibration NLL, from
 one backward pass. To second order e is the rise in NLL (in nats) that quantizing only that tensor
 causes, so errors of different layers and of K vs V share one unit and add up, which the relative
@@ -32,7 +33,7 @@ _NEG = -1e30
 
 def quantized_prefix(t: int, sink: int, residual: int, block: int) -> np.ndarray:
     """`[T]` int: Q(t), the body tokens a query at position t reads in quantized form."""
-    m = np.maximum(np.arange(t) + 1 - sink - residual, 0)
+    m = np.maximum(np.arange(t) - sink - residual, 0)
     return block * ((m + block - 1) // block)
 
 

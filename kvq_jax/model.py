@@ -109,12 +109,16 @@ class Transformer(nnx.Module):
                  attention_impl: str = "xla", last_only: bool = False) -> tuple[Array, KVCache]:
         """tokens `[B, T]` at positions `cache.lengths[b] + t`; n_new `[B]` real tokens (default T).
 
-        T > 1 must start from an empty cache (prefill); T == 1 is a decode step. Returns logits
-        `[B, T, V]` (`[B, V]` of each row's last real token if `last_only`) and the updated cache.
+        Any T >= 1 at any fill: a prefill, a chunk of one, a new chat turn or a decode step (T == 1);
+        row b's tokens past `n_new[b]` are padding, and a row with `n_new[b] == 0` is left as it was.
+        Returns logits `[B, T, V]` (`[B, V]` of each row's last real token if `last_only`) and the
+        cache holding the new tokens. Called eagerly, a call that would overflow the cache raises
+        KvqError; under jit the caller checks (positions past the capacity are dropped, never wrapped).
         """
         b, t = tokens.shape
         if n_new is None:
             n_new = jnp.full((b,), t, jnp.int32)
+        check_room(cache, n_new)
         x = jnp.take(self.embed.get_value(), tokens, axis=0)
         new_layers = []
         for blk, layer_cache in zip(self.layers, cache.layers):
@@ -126,6 +130,18 @@ class Transformer(nnx.Module):
         head = self.embed.get_value() if self.lm_head is None else self.lm_head.get_value()  # [V, dim]
         logits = (x @ head.T.astype(x.dtype)).astype(jnp.float32)
         return logits, cache.replace(layers=tuple(new_layers), lengths=cache.lengths + n_new)
+
+
+def check_room(cache: KVCache, n_new: Array) -> None:
+    """Raises KvqError if appending `n_new [B]` tokens would overflow a concrete cache (no-op under jit)."""
+    if isinstance(cache.lengths, jax.core.Tracer) or isinstance(n_new, jax.core.Tracer):
+        return
+    end = np.asarray(cache.lengths) + np.asarray(n_new)
+    if end.max(initial=0) > cache.capacity:
+        row = int(np.argmax(end))
+        raise KvqError(f"row {row}: {int(np.asarray(cache.lengths)[row])} cached + "
+                       f"{int(np.asarray(n_new)[row])} new tokens exceed the cache capacity of "
+                       f"{cache.capacity} positions")
 
 
 def load_params(model: Transformer, params: Mapping[str, np.ndarray]) -> None:

@@ -119,8 +119,9 @@ def add_block(
     """Adds G consecutive tokens `codes [..., G, D]` at token `start` into `words [..., W, D]`.
 
     The digits at tokens `start .. start+G-1` must still be zero. `start` (int32 scalar) need not be
-    word-aligned; if `enabled` (bool scalar) is False the words come back unchanged. O(G) work: only
-    the ceil((G+P-1)/P) words the block can span are sliced, added and written back. jit/vmap-able.
+    word-aligned; if `enabled` (bool scalar) is False the words come back unchanged. O(G) work: one
+    scatter-add into the ceil((G+P-1)/P) words the block can span; words past the storage are dropped
+    (so a block may run past the end if its codes there are zero). jit/vmap-able.
     """
     words = jnp.asarray(words)
     codes = jnp.asarray(codes)
@@ -140,16 +141,14 @@ def add_block(
     g = codes.shape[-2]
     if g == 0:
         return words
-    # Words a G-token block can touch at any digit offset; never more than the storage holds.
-    nw = min(-(-(g + p - 1) // p), w)
+    # Words a G-token block can touch at any digit offset. Words past the storage are dropped by the
+    # scatter: a block that fits never reaches them, and the codes of tokens past the storage must be 0.
+    nw = -(-(g + p - 1) // p)
     start = jnp.asarray(start, jnp.int32)
-    # Clamp as dynamic_slice would, then place the block relative to the clamped first word.
-    w0 = jnp.clip(start // p, 0, w - nw)
-    off = start - w0 * p
+    w0 = start // p
     zeros = (0,) * len(lead)
     local = jnp.zeros((*lead, nw * p, d), codes.dtype)
-    local = lax.dynamic_update_slice(local, codes, (*zeros, off, 0))
+    local = lax.dynamic_update_slice(local, codes, (*zeros, start - w0 * p, 0))
     contrib = _pack_aligned(local, bits)
     contrib = jnp.where(jnp.asarray(enabled, jnp.bool_), contrib, jnp.uint32(0))
-    cur = lax.dynamic_slice(words, (*zeros, w0, 0), (*lead, nw, d))
-    return lax.dynamic_update_slice(words, cur + contrib, (*zeros, w0, 0))
+    return words.at[..., w0 + jnp.arange(nw), :].add(contrib, mode="drop")

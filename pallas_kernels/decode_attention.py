@@ -119,13 +119,9 @@ def _pad_rows(x: Array, rows: int) -> Array:
 
 def merge_splits(out: Array, lse: Array) -> tuple[Array, Array]:
     """Log-sum-exp merge over the split axis 2: out `[B, H, S, R, D]`, lse `[B, H, S, R]`."""
-    top = jnp.max(lse, axis=2, keepdims=True)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    w = jnp.exp(lse - top)  # empty splits: exp(-inf) = 0
-    den = jnp.sum(w, axis=2)
-    o = jnp.sum(w[..., None] * out, axis=2) / jnp.where(den > 0, den, 1.0)[..., None]
-    lse_all = jnp.where(den > 0, top[:, :, 0] + jnp.log(jnp.where(den > 0, den, 1.0)), -jnp.inf)
-    return o, lse_all
+    from kvq_jax.attention import merge  # the one LSE merge (attention imports this package lazily)
+
+    return merge([(out[:, :, i], lse[:, :, i]) for i in range(out.shape[2])])
 
 
 def packed_decode_attention(

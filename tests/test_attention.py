@@ -134,12 +134,12 @@ def poison(lay, lengths, rng):
 
 @jax.jit
 def prefill_all(layers, k, v, n_new):
-    return tuple(kvcache.prefill(lay, k[i], v[i], n_new) for i, lay in enumerate(layers))
+    return tuple(kvcache.write(lay, k[i], v[i], jnp.zeros_like(n_new), n_new) for i, lay in enumerate(layers))
 
 
 @jax.jit
 def read_all(q, layers, lengths):
-    return tuple(attention.read_quantized(q, lay, lengths, "xla") for lay in layers)
+    return tuple(attention.read_quantized(q, lay, lengths, "xla")[0] for lay in layers)
 
 
 def kv_streams(rng, n_layers, b, h, n, d):
@@ -253,7 +253,8 @@ def attend_all(q, k, v, layers, lengths, n_new):
 
 def test_attention_entry_prefill_and_decode_gqa():
     """Prefill (T=300 > the 256-query block) is causal fp attention; each decode step (GQA 3) equals
-    attention over the reader's view of the cache after the append (the new token included)."""
+    attention over the reader's view of the cache before the step plus the new token itself at full
+    precision (the entry point reads the old cache, then writes)."""
     pairs = [(ch(1.58), tok(3)), (tok(8), ch(2, 32))]
     keys, values = zip(*pairs)
     b, hkv, rep, d, t, steps = 2, 2, 3, 32, 300, 40
@@ -283,21 +284,23 @@ def test_attention_entry_prefill_and_decode_gqa():
 
     n = n_prompt.copy()
     for _ in range(steps):
+        before = jax.device_get(layers)
         idx = np.arange(b)
         q1 = jnp.asarray(xq[:, idx, n][:, :, None])  # [L, B, 1, Hq, D]
         k1 = kk[:, idx, n][:, :, None]
         v1 = vv[:, idx, n][:, :, None]
         outs, layers = attend_all(q1, k1, v1, layers, jnp.asarray(n, jnp.int32), jnp.ones(b, jnp.int32))
-        n = n + 1
-        host = jax.device_get(layers)
-        for i, (lay, out) in enumerate(zip(host, outs)):
+        for i, (lay, out) in enumerate(zip(before, outs)):
             out = np.asarray(out)[:, 0]  # [B, Hq, D]
             for row in range(b):
                 k, v = reader_view(lay, row, int(n[row]))
+                k = np.concatenate([k, xk[i, row, :, n[row]][:, None]], axis=1)
+                v = np.concatenate([v, xv[i, row, :, n[row]][:, None]], axis=1)
                 for hq in range(hkv * rep):
-                    want = softmax_attend(xq[i, row, n[row] - 1, hq].astype(np.float64) * scale,
+                    want = softmax_attend(xq[i, row, n[row], hq].astype(np.float64) * scale,
                                           k[hq // rep], v[hq // rep])
                     np.testing.assert_allclose(out[row, hq], want, atol=1e-5, rtol=1e-5)
+        n = n + 1
     assert n.tolist() == [340, 85]
 
 

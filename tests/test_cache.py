@@ -51,18 +51,18 @@ def build(keys, values, *, batch, d, capacity, hkv=2, sink=S, residual=R, scale_
 @jax.jit
 def prefill_all(layers, k, v, n_new):
     """k, v `[L, B, H, T, D]`: layer i gets its own stream."""
-    return tuple(kvcache.prefill(lay, k[i], v[i], n_new) for i, lay in enumerate(layers))
+    return tuple(kvcache.write(lay, k[i], v[i], jnp.zeros_like(n_new), n_new) for i, lay in enumerate(layers))
 
 
 @jax.jit
 def append_all(layers, k, v, lengths):
     """k, v `[L, B, H, 1, D]`."""
-    return tuple(kvcache.append(lay, k[i], v[i], lengths) for i, lay in enumerate(layers))
+    return tuple(kvcache.write(lay, k[i], v[i], lengths, jnp.ones_like(lengths)) for i, lay in enumerate(layers))
 
 
 @jax.jit
 def read_all(q, layers, lengths):
-    return tuple(attention.read_quantized(q, lay, lengths, "xla") for lay in layers)
+    return tuple(attention.read_quantized(q, lay, lengths, "xla")[0] for lay in layers)
 
 
 def streams(rng, n_layers, batch, hkv, n, d):
