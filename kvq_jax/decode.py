@@ -1,4 +1,5 @@
-"""Prefill + jit-compiled decoding (`lax.while_loop`) that stops per row at EOS or max tokens."""
+"""Prefill (one shot or chunked, onto any cache) + jit-compiled decoding (`lax.while_loop`) that stops
+per row at EOS or max tokens; the returned cache holds prompt and reply, ready to be continued."""
 
 from __future__ import annotations
 
@@ -29,21 +30,80 @@ def round_up(n: int, m: int) -> int:
 class GenerationResult:
     tokens: list[list[int]]  # generated ids per row (EOS excluded)
     stopped_at_eos: list[bool]
-    cache: KVCache
+    cache: KVCache  # prompt + generated tokens of every row (not the EOS): continue it with `cache=`
+
+
+DEFAULT_PREFILL_CHUNK = 0  # one shot: see the prefill table in the README
+
+
+def check_prefill_chunk(chunk: int) -> int:
+    """`prefill_chunk`: 0 (the whole prompt in one call) or a positive number of tokens per call."""
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 0:
+        raise KvqError(f"prefill_chunk must be 0 (one shot) or a positive number of tokens, got {chunk!r}")
+    return int(chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl"), donate_argnames=("cache",))
+def _prefill_step(graphdef, state, tokens: Array, n_new: Array, cache: KVCache, last: Array, *, impl: str):
+    """One prompt chunk `[B, T]`; `last [B, V]` keeps each row's logits of its latest real token."""
+    logits, cache = nnx.merge(graphdef, state)(tokens, cache, n_new, attention_impl=impl, last_only=True)
+    return jnp.where((n_new > 0)[:, None], logits, last), cache
+
+
+def prefill(model: Transformer, prompts: Sequence[Sequence[int]], cache: KVCache, *, chunk: int = 0,
+            attention_impl: str = "auto") -> tuple[Array, KVCache]:
+    """Appends each row's prompt to its cached history; returns the logits `[B, V]` of each row's last
+    prompt token and the cache (the cache passed in is donated: use the returned one).
+
+    `chunk` 0 feeds the prompts in one call (padded to a multiple of 64 tokens, so similar lengths
+    share a compiled step); else in calls of `chunk` tokens each, all compiled once. Rows may be
+    empty; a row whose prompts are all empty gets logits 0.
+    """
+    from kvq_jax.attention import resolve_impl
+
+    chunk = check_prefill_chunk(chunk)
+    longest = max((len(p) for p in prompts), default=0)
+    if len(prompts) != cache.batch:
+        raise KvqError(f"{len(prompts)} prompts for a cache of {cache.batch} rows")
+    width = chunk or round_up(max(longest, 1), 64)
+    n_calls = max(1, -(-longest // width))
+    toks = np.zeros((len(prompts), n_calls * width), np.int32)
+    for i, p in enumerate(prompts):
+        toks[i, : len(p)] = p
+    n = np.asarray([len(p) for p in prompts], np.int64)
+    check_room_np(np.asarray(cache.lengths), n, cache.capacity)
+    graphdef, state = nnx.split(model)
+    impl = resolve_impl(attention_impl)
+    last = jnp.zeros((len(prompts), model.cfg.vocab_size), jnp.float32)
+    for c in range(n_calls):  # over chunks of the prompt, each one compiled call
+        n_new = jnp.asarray(np.clip(n - c * width, 0, width), jnp.int32)
+        last, cache = _prefill_step(graphdef, state, jnp.asarray(toks[:, c * width:(c + 1) * width]), n_new,
+                                    cache, last, impl=impl)
+    return last, cache
+
+
+def check_room_np(lengths: np.ndarray, n_new: np.ndarray, capacity: int, extra: int = 0) -> None:
+    """One clear line if some row's cached + new (+ extra) positions exceed the capacity."""
+    need = lengths.astype(np.int64) + n_new + extra
+    if need.max(initial=0) > capacity:
+        row = int(np.argmax(need))
+        what = f"{int(lengths[row])} cached + {int(n_new[row])} prompt tokens"
+        if extra:
+            what += f" + max_new_tokens {extra}"
+        raise KvqError(f"row {row}: {what} = {int(need[row])} exceeds the cache capacity "
+                       f"({capacity} positions; {max(0, capacity - int(lengths[row]))} left)")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "sampler", "eos_ids", "impl", "stream"),
                    donate_argnames=("cache",))
-def _generate(graphdef, state, tokens: Array, n_prompt: Array, cache: KVCache, key: Array, *,
-              max_new: int, sampler: SamplerConfig, eos_ids: tuple[int, ...], impl: str,
-              stream: StreamFn | None):
-    """tokens `[B, T]` right-padded, n_prompt `[B]`. Returns generated `[B, max_new]` (-1 = none)."""
+def _decode_loop(graphdef, state, logits: Array, cache: KVCache, key: Array, *, max_new: int,
+                 sampler: SamplerConfig, eos_ids: tuple[int, ...], impl: str, stream: StreamFn | None):
+    """Samples from `logits [B, V]`, then decodes until EOS or `max_new`. Returns `[B, max_new]` (-1 = none)."""
     model = nnx.merge(graphdef, state)
-    b = tokens.shape[0]
-    logits, cache = model(tokens, cache, n_prompt, attention_impl=impl, last_only=True)
+    b = logits.shape[0]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
-    def pick(logits: Array, key: Array, step: Array, running: Array):
+    def pick(logits: Array, key: Array, running: Array):
         key, sub = jax.random.split(key)
         tok = sample(logits, sub, sampler)
         is_eos = jnp.any(tok[:, None] == eos[None, :], axis=-1)
@@ -53,69 +113,95 @@ def _generate(graphdef, state, tokens: Array, n_prompt: Array, cache: KVCache, k
         return tok, emit, key
 
     out = jnp.full((b, max_new), -1, jnp.int32)
-    tok, emit, key = pick(logits, key, jnp.int32(0), jnp.ones((b,), bool))
+    tok, emit, key = pick(logits, key, jnp.ones((b,), bool))
     out = out.at[:, 0].set(jnp.where(emit, tok, -1))
 
     def cond(carry):
-        step, _, running, _, _, _ = carry
-        return (step < max_new) & jnp.any(running)
+        return jnp.any(carry[2])
 
     def body(carry):
         step, tok, running, cache, key, out = carry
-        logits, cache = model(tok[:, None], cache, attention_impl=impl, last_only=True)
-        tok, emit, key = pick(logits, key, step, running)
-        out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(emit, tok, -1)[:, None], step, axis=1)
-        return step + 1, tok, emit, cache, key, out
+        # Running rows append the token they sampled last (a stopped row keeps its cache as it was, and
+        # an EOS is never appended); a last pass after max_new appends the final token, so the cache
+        # holds the whole reply, ready to be continued.
+        logits, cache = model(tok[:, None], cache, running.astype(jnp.int32), attention_impl=impl,
+                              last_only=True)
+        more = step < max_new
+        tok, emit, key = pick(logits, key, running & more)
+        written = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(emit, tok, -1)[:, None],
+                                                      jnp.minimum(step, max_new - 1), axis=1)
+        return step + 1, tok, emit, cache, key, jnp.where(more, written, out)
 
     carry = (jnp.int32(1), tok, emit, cache, key, out)
-    _, _, running, cache, _, out = jax.lax.while_loop(cond, body, carry)
-    return out, running, cache
+    _, _, _, cache, _, out = jax.lax.while_loop(cond, body, carry)
+    return out, cache
+
+
+def _check_cache(model: Transformer, kv: KVPlan | DenseKV | None, cache: KVCache, n_rows: int) -> None:
+    if cache.batch != n_rows:
+        raise KvqError(f"the cache has {cache.batch} rows, got {n_rows} prompts")
+    if kv is None:
+        return
+    want = jax.eval_shape(lambda: init_cache(model.cfg, kv, cache.batch, cache.capacity,
+                                             model.embed.get_value().dtype))
+    shapes = lambda c: [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(c)]
+    if jax.tree_util.tree_structure(want) != jax.tree_util.tree_structure(cache) or shapes(want) != shapes(cache):
+        raise KvqError("the cache was built for another kv plan than the one given (pass kv=None to "
+                       "continue it as it is)")
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
-             kv: KVPlan | DenseKV = DenseKV("float32"), sampler: SamplerConfig = SamplerConfig(),
+             kv: KVPlan | DenseKV | None = None, sampler: SamplerConfig = SamplerConfig(),
              seed: int = 0, attention_impl: str = "auto", stream: StreamFn | None = None,
-             capacity: int | None = None) -> GenerationResult:
+             capacity: int | None = None, cache: KVCache | None = None,
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> GenerationResult:
     """Generates up to `max_new_tokens` for each prompt (a batch of token-id lists, ragged).
 
-    `stream(tokens [B], emitted [B])` is called from inside the compiled loop at every step.
+    With `cache` (e.g. a previous `GenerationResult.cache`), each row's prompt is appended to that
+    row's cached history; the cache is donated (use the returned one) and `capacity` is its own.
+    `kv` (default: the fp32 dense cache) builds a new cache, or must match the one given.
+    `prefill_chunk`: 0 feeds the prompts in one call, N > 0 in calls of N tokens.
+    `stream(tokens [B], emitted [B])` is called from inside the compiled loop at every step; the loop
+    is compiled per stream callable, so pass the same one to reuse it.
     """
-    from kvq_jax.attention import resolve_impl
-
     cfg = model.cfg
     if not prompts or any(len(p) == 0 for p in prompts):
         raise KvqError("empty prompt: give at least one token")
-    if max_new_tokens < 1:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise KvqError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if not 0 <= seed <= 2**32 - 1:
         raise KvqError(f"--seed must be in [0, {2**32 - 1}], got {seed}")
-    longest = max(len(p) for p in prompts)
-    need = longest + max_new_tokens
-    if capacity is None:
-        capacity = min(round_up(need, 256), max(need, cfg.max_seq_len))
-    if need > capacity:
-        raise KvqError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                       f"cache capacity ({capacity} positions)")
+    prefill_chunk = check_prefill_chunk(prefill_chunk)
+    lengths = np.zeros(len(prompts), np.int64) if cache is None else np.asarray(cache.lengths, np.int64)
+    n = np.asarray([len(p) for p in prompts], np.int64)
+    need = int((lengths + n).max()) + max_new_tokens
+    if cache is None:
+        if capacity is None:
+            capacity = min(round_up(need, 256), max(need, cfg.max_seq_len))
+    else:
+        _check_cache(model, kv, cache, len(prompts))
+        if capacity is not None and capacity != cache.capacity:
+            raise KvqError(f"capacity {capacity} given, but the cache holds {cache.capacity} positions")
+        capacity = cache.capacity
+    check_room_np(lengths, n, capacity, max_new_tokens)
     if need > cfg.max_seq_len:
-        raise KvqError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                       f"model's context of {cfg.max_seq_len} tokens")
-    t = min(round_up(longest, 64), capacity)
-    toks = np.zeros((len(prompts), t), np.int32)
-    for i, p in enumerate(prompts):
-        toks[i, : len(p)] = p
-    n_prompt = jnp.asarray([len(p) for p in prompts], jnp.int32)
-    dtype = model.embed.get_value().dtype
-    cache = init_cache(cfg, kv, len(prompts), capacity, dtype)
+        raise KvqError(f"cached + prompt + max_new_tokens = {need} tokens exceeds the model's context of "
+                       f"{cfg.max_seq_len} tokens")
+    if cache is None:
+        cache = init_cache(cfg, DenseKV("float32") if kv is None else kv, len(prompts), capacity,
+                           model.embed.get_value().dtype)
+    logits, cache = prefill(model, prompts, cache, chunk=prefill_chunk, attention_impl=attention_impl)
+    from kvq_jax.attention import resolve_impl
+
     graphdef, state = nnx.split(model)
-    out, _, cache = _generate(
-        graphdef, state, jnp.asarray(toks), n_prompt, cache, jax.random.key(seed),
-        max_new=max_new_tokens, sampler=sampler, eos_ids=tuple(cfg.eos_ids),
-        impl=resolve_impl(attention_impl), stream=stream)
+    out, cache = _decode_loop(
+        graphdef, state, logits, cache, jax.random.key(seed), max_new=max_new_tokens, sampler=sampler,
+        eos_ids=tuple(cfg.eos_ids), impl=resolve_impl(attention_impl), stream=stream)
     out = np.asarray(out)
     tokens, at_eos = [], []
     for row in out:
         stop = np.nonzero(row < 0)[0]
-        n = int(stop[0]) if len(stop) else len(row)
-        tokens.append(row[:n].tolist())
-        at_eos.append(n < len(row))
+        k = int(stop[0]) if len(stop) else len(row)
+        tokens.append(row[:k].tolist())
+        at_eos.append(k < len(row))
     return GenerationResult(tokens, at_eos, cache)
