@@ -19,12 +19,6 @@ from kvq_jax.model import Transformer
 from kvq_jax.plan import DenseKV, KVPlan
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "impl"))
-def _prefill(graphdef, state, tokens, cache, *, impl: str):
-    logits, cache = nnx.merge(graphdef, state)(tokens, cache, attention_impl=impl, last_only=True)
-    return jnp.argmax(logits, -1).astype(jnp.int32), cache
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "impl"), donate_argnames=("cache",))
 def _decode(graphdef, state, tok, cache, *, steps: int, impl: str):
     model = nnx.merge(graphdef, state)
@@ -41,9 +35,13 @@ def _decode(graphdef, state, tok, cache, *, steps: int, impl: str):
 
 def bench(model: Transformer, *, batch: int = 1, context: int = 512, new_tokens: int = 64,
           kv: KVPlan | DenseKV = DenseKV("float32"), attention_impl: str = "auto", seed: int = 0,
-          tokens: np.ndarray | None = None, repeats: int = 3) -> dict[str, Any]:
-    """Times prefill of `[batch, context]` tokens (random unless given) and `new_tokens` decode steps
-    (the median of `repeats` timed runs after a warm-up)."""
+          tokens: np.ndarray | None = None, repeats: int = 3,
+          prefill_chunk: int | None = None) -> dict[str, Any]:
+    """Times prefill of `[batch, context]` tokens (random unless given; one shot or in calls of
+    `prefill_chunk` tokens, timed after a warm-up run) and `new_tokens` decode steps (the median of
+    `repeats` timed runs after a warm-up)."""
+    from kvq_jax.decode import check_prefill_chunk, prefill
+
     cfg = model.cfg
     if batch < 1 or context < 1 or new_tokens < 1 or repeats < 1:
         raise KvqError(f"--batch, --context and --new-tokens must be >= 1 (got {batch}, {context}, {new_tokens})")
@@ -53,15 +51,19 @@ def bench(model: Transformer, *, batch: int = 1, context: int = 512, new_tokens:
     if capacity > cfg.max_seq_len:
         raise KvqError(f"--context + --new-tokens = {capacity} exceeds the model's context of {cfg.max_seq_len}")
     impl = resolve_impl(attention_impl)
+    chunk = check_prefill_chunk(prefill_chunk)
     if tokens is None:
         tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, context), dtype=np.int32)
     toks = jnp.asarray(tokens)
     graphdef, state = nnx.split(model)
-    cache = init_cache(cfg, kv, batch, capacity, model.embed.get_value().dtype)
-    pre = _prefill.lower(graphdef, state, toks, cache, impl=impl).compile()
+    empty = lambda: init_cache(cfg, kv, batch, capacity, model.embed.get_value().dtype)
+    rows = [list(r) for r in np.asarray(tokens)]
+    jax.block_until_ready(prefill(model, rows, empty(), chunk=chunk, attention_impl=impl))  # compiles
+    cache = empty()
     t0 = time.perf_counter()
-    tok, cache = jax.block_until_ready(pre(state, toks, cache))
+    logits, cache = jax.block_until_ready(prefill(model, rows, cache, chunk=chunk, attention_impl=impl))
     t_prefill = time.perf_counter() - t0
+    tok = jnp.argmax(logits, -1).astype(jnp.int32)
     dec = _decode.lower(graphdef, state, tok, cache, steps=new_tokens, impl=impl).compile()
     # The cache is donated, as `generate` donates it: each run gets a fresh copy of the prefilled cache
     # (made outside the timer) and updates it in place.
@@ -77,6 +79,7 @@ def bench(model: Transformer, *, batch: int = 1, context: int = 512, new_tokens:
     return {
         "model": cfg.name, "kv": kv_name(kv), "attention": impl, "backend": jax.default_backend(),
         "batch": batch, "context": context, "new_tokens": new_tokens, "decode_repeats": repeats,
+        "prefill_chunk": chunk,
         "prefill_s": t_prefill, "prefill_tokens_per_s": batch * context / t_prefill,
         "decode_s": t_decode, "decode_ms_per_step": 1e3 * t_decode / new_tokens,
         "decode_tokens_per_s": batch * new_tokens / t_decode,

@@ -1,4 +1,4 @@
-"""`kvq-jax` command line: generate, eval, bench, analyze.
+"""`kvq-jax` command line: generate, chat, eval, bench, analyze.
 
 Every user error prints one line on stderr and exits with status 2; no tracebacks.
 """
@@ -68,6 +68,21 @@ def _common(p: argparse.ArgumentParser, kv: bool = True) -> None:
         p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas", "pallas_interpret"))
 
 
+def _prefill_chunk(p: argparse.ArgumentParser, default: int | None, what: str) -> None:
+    shown = "the library default, see the README" if default is None else default
+    p.add_argument("--prefill-chunk", type=_nonneg_int, default=default,
+                   help=f"{what} in calls of N tokens; 0 = one shot (default: {shown}). One shot attends to "
+                        "the prompt at full precision; chunks attend to the already-quantized earlier chunks, "
+                        "as decoding does")
+
+
+def _sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=_finite_float, default=0.0)
+    p.add_argument("--top-k", type=_nonneg_int, default=0, help="0 = off; clamped to the vocabulary")
+    p.add_argument("--top-p", type=_finite_float, default=1.0)
+    p.add_argument("--seed", type=_seed, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="kvq-jax", description="Mixed-precision quantized KV caches for JAX LLM inference.")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -75,19 +90,29 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="answer a prompt")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=_positive_int, default=128)
-    g.add_argument("--temperature", type=_finite_float, default=0.0)
-    g.add_argument("--top-k", type=_nonneg_int, default=0, help="0 = off; clamped to the vocabulary")
-    g.add_argument("--top-p", type=_finite_float, default=1.0)
-    g.add_argument("--seed", type=_seed, default=0)
+    _sampling(g)
     g.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, no chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    _prefill_chunk(g, None, "feed the prompt")
     _common(g)
+
+    c = sub.add_parser("chat", help="multi-turn chat over stdin/stdout; the cache carries the history",
+                       description="Each stdin line is a user turn; replies stream to stdout. Commands: "
+                                   "/reset (forget the history), /stats (one JSON line). EOF ends the chat.")
+    c.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    c.add_argument("--capacity", type=_positive_int, help="cache positions (default: the model's context)")
+    c.add_argument("--system", help="system prompt (default: the chat template's own)")
+    _sampling(c)
+    _prefill_chunk(c, 64, "feed each turn")
+    _common(c)
 
     e = sub.add_parser("eval", help="perplexity (and KL / top-1 vs the fp cache with --kv)")
     e.add_argument("--text", required=True, help="UTF-8 text file")
     e.add_argument("--context", type=_positive_int, default=512)
     e.add_argument("--windows", type=_positive_int, default=6)
-    e.add_argument("--prefill", type=_positive_int, default=64)
+    e.add_argument("--prefill", type=_positive_int, default=64,
+                   help="tokens of each window prefilled; the rest are fed one at a time")
+    _prefill_chunk(e, None, "feed the --prefill tokens")
     e.add_argument("--json", action="store_true")
     e.add_argument("--no-progress", action="store_true")
     _common(e)
@@ -99,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--text", help="take the context from this text file instead of random tokens")
     b.add_argument("--seed", type=_seed, default=0)
     b.add_argument("--json", action="store_true")
+    _prefill_chunk(b, None, "prefill the context")
     _common(b)
 
     a = sub.add_parser("analyze", help="K/V norm analysis and budgeted bit allocation → plan JSON")
@@ -159,38 +185,82 @@ def _print_json(obj: dict[str, Any]) -> None:
     print(json.dumps(obj, indent=None, sort_keys=False))
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from kvq_jax.decode import generate
-    from kvq_jax.evaluate import kv_name
+def _utf8(text: str, what: str) -> str:
+    """Text from argv or stdin that Python decoded with surrogate escapes: one line if it is not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise KvqError(f"{what} is not valid UTF-8 text") from None
+    return text
+
+
+def _sampler(args: argparse.Namespace):
     from kvq_jax.sampling import SamplerConfig
 
-    if not args.prompt.strip():
+    return SamplerConfig(args.temperature, args.top_k, args.top_p)
+
+
+def _write(s: str) -> None:
+    sys.stdout.write(s)
+    sys.stdout.flush()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvq_jax.chat import TextStream
+    from kvq_jax.decode import generate
+    from kvq_jax.evaluate import kv_name
+
+    if not _utf8(args.prompt, "--prompt").strip():
         raise KvqError("empty prompt: give --prompt some text")
-    sampler = SamplerConfig(args.temperature, args.top_k, args.top_p)
+    sampler = _sampler(args)
     model, tok = _load(args)
     kv = _kv(args, model.cfg.n_layers)
     text = args.prompt if args.no_chat else tok.chat_prompt(args.prompt)
     ids = tok.encode(text, add_bos=False)
-    emitted: list[int] = []
-    printed = [0]
-
-    def stream(toks, emit) -> None:
-        if bool(emit[0]):
-            emitted.append(int(toks[0]))
-            s = tok.decode(emitted)
-            if not s.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                sys.stdout.write(s[printed[0]:])
-                sys.stdout.flush()
-                printed[0] = len(s)
-
+    stream = None if args.json else TextStream(tok, _write)
     res = generate(model, [ids], max_new_tokens=args.max_new_tokens, kv=kv, sampler=sampler,
-                   seed=args.seed, attention_impl=args.attention, stream=None if args.json else stream)
+                   seed=args.seed, attention_impl=args.attention, stream=stream,
+                   prefill_chunk=args.prefill_chunk)
     reply = tok.decode(res.tokens[0])
     if args.json:
         _print_json({"model": model.cfg.name, "kv": kv_name(kv), "prompt": args.prompt, "reply": reply,
                      "new_tokens": len(res.tokens[0]), "stopped_at_eos": res.stopped_at_eos[0]})
     else:
-        sys.stdout.write(reply[printed[0]:] + "\n")
+        stream.finish(reply + "\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from kvq_jax.chat import ChatSession
+
+    if args.system is not None:
+        _utf8(args.system, "--system")
+    model, tok = _load(args)
+    session = ChatSession(model, tok, kv=_kv(args, model.cfg.n_layers), capacity=args.capacity,
+                          system=args.system, max_new_tokens=args.max_new_tokens, sampler=_sampler(args),
+                          seed=args.seed, attention_impl=args.attention, prefill_chunk=args.prefill_chunk)
+    tty = sys.stdin.isatty()
+    for number, raw in enumerate(iter(sys.stdin.buffer.readline, b""), start=1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            print(f"kvq-jax: line {number} is not valid UTF-8 text; skipped", file=sys.stderr)
+            continue
+        if not line:
+            continue
+        if line == "/reset":
+            session.reset()
+            print("kvq-jax: history cleared", file=sys.stderr)
+        elif line == "/stats":
+            _print_json(session.stats())
+        else:
+            try:
+                session.send(line, stream=_write)
+                _write("\n")
+            except KvqError as e:  # a turn that does not fit: say so, keep the session
+                print(f"kvq-jax: {e}", file=sys.stderr)
+        if tty:
+            print("> ", end="", file=sys.stderr, flush=True)
     return 0
 
 
@@ -201,7 +271,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tok = _load(args)
     kv = _kv(args, model.cfg.n_layers)
     res = evaluate(model, tok, text, context=args.context, windows=args.windows, kv=kv,
-                   prefill=args.prefill, attention_impl=args.attention, progress=not args.no_progress)
+                   prefill=args.prefill, attention_impl=args.attention, progress=not args.no_progress,
+                   prefill_chunk=args.prefill_chunk)
     if args.json:
         _print_json(res)
     else:
@@ -225,7 +296,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise KvqError(f"--text has {len(ids)} tokens, the benchmark needs {need}")
         tokens = np.asarray(ids[:need], np.int32).reshape(args.batch, args.context)
     res = bench(model, batch=args.batch, context=args.context, new_tokens=args.new_tokens, kv=kv,
-                attention_impl=args.attention, seed=args.seed, tokens=tokens)
+                attention_impl=args.attention, seed=args.seed, tokens=tokens, prefill_chunk=args.prefill_chunk)
     if args.json:
         _print_json(res)
     else:
@@ -305,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _enable_compile_cache()
-        return {"generate": cmd_generate, "eval": cmd_eval, "bench": cmd_bench,
+        return {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "bench": cmd_bench,
                 "analyze": cmd_analyze}[args.cmd](args)
     except KvqError as e:
         print(f"kvq-jax: error: {e}", file=sys.stderr)

@@ -36,8 +36,11 @@ class GenerationResult:
 DEFAULT_PREFILL_CHUNK = 0  # one shot: see the prefill table in the README
 
 
-def check_prefill_chunk(chunk: int) -> int:
-    """`prefill_chunk`: 0 (the whole prompt in one call) or a positive number of tokens per call."""
+def check_prefill_chunk(chunk: int | None) -> int:
+    """`prefill_chunk`: 0 (the whole prompt in one call), a positive number of tokens per call, or None
+    for `DEFAULT_PREFILL_CHUNK`."""
+    if chunk is None:
+        return DEFAULT_PREFILL_CHUNK
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 0:
         raise KvqError(f"prefill_chunk must be 0 (one shot) or a positive number of tokens, got {chunk!r}")
     return int(chunk)
@@ -50,12 +53,12 @@ def _prefill_step(graphdef, state, tokens: Array, n_new: Array, cache: KVCache, 
     return jnp.where((n_new > 0)[:, None], logits, last), cache
 
 
-def prefill(model: Transformer, prompts: Sequence[Sequence[int]], cache: KVCache, *, chunk: int = 0,
+def prefill(model: Transformer, prompts: Sequence[Sequence[int]], cache: KVCache, *, chunk: int | None = None,
             attention_impl: str = "auto") -> tuple[Array, KVCache]:
     """Appends each row's prompt to its cached history; returns the logits `[B, V]` of each row's last
     prompt token and the cache (the cache passed in is donated: use the returned one).
 
-    `chunk` 0 feeds the prompts in one call (padded to a multiple of 64 tokens, so similar lengths
+    `chunk` 0 feeds the prompts in one call (None: `DEFAULT_PREFILL_CHUNK`) (padded to a multiple of 64 tokens, so similar lengths
     share a compiled step); else in calls of `chunk` tokens each, all compiled once. Rows may be
     empty; a row whose prompts are all empty gets logits 0.
     """
@@ -154,7 +157,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
              kv: KVPlan | DenseKV | None = None, sampler: SamplerConfig = SamplerConfig(),
              seed: int = 0, attention_impl: str = "auto", stream: StreamFn | None = None,
              capacity: int | None = None, cache: KVCache | None = None,
-             prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> GenerationResult:
+             prefill_chunk: int | None = None) -> GenerationResult:
     """Generates up to `max_new_tokens` for each prompt (a batch of token-id lists, ragged).
 
     With `cache` (e.g. a previous `GenerationResult.cache`), each row's prompt is appended to that

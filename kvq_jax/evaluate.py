@@ -2,8 +2,8 @@
 
 Protocol: the text is tokenized without BOS and cut into non-overlapping windows of `context` tokens;
 the first `windows` are scored. With a cache, the first `prefill` tokens of each window are prefilled
-and the rest are fed one at a time through the cache (teacher forcing); every token after the first
-of each window is scored.
+(in one call, or in calls of `prefill_chunk` tokens) and the rest are fed one at a time through the
+cache (teacher forcing); every token after the first of each window is scored.
 """
 
 from __future__ import annotations
@@ -55,24 +55,65 @@ def _token_stats(lp: Array, lp_ref: Array, target: Array) -> tuple[Array, Array,
     return nll, nll_ref, kl, top1
 
 
+_SCORE_BLOCK = 256  # positions whose logits [B, block, V] exist at once
+
+
+def _score(model: Transformer, h: Array, h_ref: Array, target: Array, valid: Array) -> Array:
+    """Summed (NLL, reference NLL, KL, top-1) `[4]` over the valid positions of hidden states
+    `[B, T, dim]`, the LM head applied `_SCORE_BLOCK` positions at a time (bounded memory)."""
+    def block(a):
+        hb, rb, tb, vb = a
+        stats = _token_stats(_logprobs(model.logits(hb)), _logprobs(model.logits(rb)), tb)
+        return jnp.stack([jnp.sum(jnp.where(vb, x, 0.0)) for x in stats])
+
+    t = h.shape[1]
+    if t <= _SCORE_BLOCK:
+        return block((h, h_ref, target, valid))
+    n = -(-t // _SCORE_BLOCK)
+    pad = n * _SCORE_BLOCK - t
+
+    def split(x):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(x.shape[0], n, _SCORE_BLOCK, *x.shape[2:]), 1, 0)
+
+    return jnp.sum(jax.lax.map(block, tuple(split(x) for x in (h, h_ref, target, valid))), axis=0)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _full_forward_nll(graphdef, state, tokens: Array, cache) -> Array:
     """Sum of NLL of tokens 1.. of every window, with one full-precision forward pass."""
     model = nnx.merge(graphdef, state)
-    logits, _ = model(tokens, cache)
-    lp = _logprobs(logits[:, :-1])
-    return -jnp.sum(jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1))
+    h, _ = model.hidden(tokens, cache)
+    valid = jnp.ones(tokens[:, 1:].shape, bool)
+    return _score(model, h[:, :-1], h[:, :-1], tokens[:, 1:], valid)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "prefill", "impl", "progress"))
-def _teacher_forced(graphdef, state, tokens: Array, cache, ref_cache, *, prefill: int, impl: str,
+def _prefill_chunked(model: Transformer, tokens: Array, cache, chunk: int, impl: str):
+    """Hidden states `[B, P, dim]` of tokens `[B, P]` fed in calls of `chunk` (0: one call)."""
+    b, p = tokens.shape
+    if chunk == 0 or chunk >= p:
+        return model.hidden(tokens, cache, attention_impl=impl)
+    n = -(-p // chunk)
+    xs = jnp.pad(tokens, ((0, 0), (0, n * chunk - p))).reshape(b, n, chunk).transpose(1, 0, 2)
+
+    def step(cache, a):
+        x, i = a
+        n_new = jnp.full((b,), jnp.clip(p - i * chunk, 0, chunk), jnp.int32)
+        return model.hidden(x, cache, n_new, attention_impl=impl)[::-1]
+
+    cache, h = jax.lax.scan(step, cache, (xs, jnp.arange(n)))  # h [n, B, chunk, dim]
+    return h.transpose(1, 0, 2, 3).reshape(b, n * chunk, -1)[:, :p], cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prefill", "chunk", "impl", "progress"))
+def _teacher_forced(graphdef, state, tokens: Array, cache, ref_cache, *, prefill: int, chunk: int, impl: str,
                     progress: Callable[[Array], None] | None):
     """Runs the cache and the fp reference cache side by side; returns summed statistics."""
     model = nnx.merge(graphdef, state)
-    logits, cache = model(tokens[:, :prefill], cache, attention_impl=impl)
-    ref_logits, ref_cache = model(tokens[:, :prefill], ref_cache)
-    sums = jnp.stack([jnp.sum(x) for x in _token_stats(
-        _logprobs(logits), _logprobs(ref_logits), tokens[:, 1: prefill + 1])])
+    h, cache = _prefill_chunked(model, tokens[:, :prefill], cache, chunk, impl)
+    h_ref, ref_cache = model.hidden(tokens[:, :prefill], ref_cache)
+    target = tokens[:, 1: prefill + 1]
+    sums = _score(model, h, h_ref, target, jnp.ones(target.shape, bool))
     pre_kl = sums[2]
 
     def step(carry, t):
@@ -105,9 +146,18 @@ def bf16_bytes(model: Transformer, batch: int, tokens: int) -> int:
 
 def evaluate(model: Transformer, tok: Tokenizer, text: str, *, context: int = 512, windows: int = 6,
              kv: KVPlan | DenseKV = DenseKV("float32"), prefill: int = 64, attention_impl: str = "auto",
-             progress: bool = True, model_name: str | None = None) -> dict[str, Any]:
-    """Scores the text; returns the JSON-ready result dict."""
+             progress: bool = True, model_name: str | None = None,
+             prefill_chunk: int | None = None) -> dict[str, Any]:
+    """Scores the text; returns the JSON-ready result dict.
+
+    `prefill_chunk` feeds the `prefill` tokens in calls of that many tokens (0: one call; None: the
+    library default): one shot attends to them at full precision, chunks to the quantized earlier
+    chunks, as decoding does.
+    """
     from kvq_jax.attention import resolve_impl
+    from kvq_jax.decode import check_prefill_chunk
+
+    chunk = check_prefill_chunk(prefill_chunk)
 
     impl = resolve_impl(attention_impl)
     if context > model.cfg.max_seq_len:
@@ -143,8 +193,8 @@ def evaluate(model: Transformer, tok: Tokenizer, text: str, *, context: int = 51
     bar = tqdm(total=n_steps, desc=f"eval {kv_name(kv)}", file=sys.stderr, disable=not progress,
                unit="tok", leave=False)
     cb = (lambda t: bar.update(1)) if progress else None
-    fn = _teacher_forced.lower(graphdef, state, tokens, cache, ref, prefill=prefill, impl=impl,
-                               progress=cb).compile()
+    fn = _teacher_forced.lower(graphdef, state, tokens, cache, ref, prefill=prefill, chunk=chunk,
+                               impl=impl, progress=cb).compile()
     t0 = time.perf_counter()
     sums, pre_kl, cache = fn(state, tokens, cache, ref)
     sums = np.asarray(jax.block_until_ready(sums))
@@ -154,7 +204,7 @@ def evaluate(model: Transformer, tok: Tokenizer, text: str, *, context: int = 51
     dec = n_win * n_steps
     elems = 2 * cfg.n_layers * n_win * cfg.n_kv_heads * cfg.head_dim * context
     result.update(
-        prefill=prefill, ppl=math.exp(nll / scored), ppl_fp=math.exp(nll_ref / scored),
+        prefill=prefill, prefill_chunk=chunk, ppl=math.exp(nll / scored), ppl_fp=math.exp(nll_ref / scored),
         kl_vs_fp=kl / scored, kl_vs_fp_decoded=(kl - float(pre_kl)) / max(dec, 1),
         top1_agreement=top1 / scored, kv_cache_bytes=cache.nbytes(),
         kv_cache_bytes_bf16=bf16_bytes(model, n_win, context), effective_bits=cache.nbytes() * 8 / elems,

@@ -115,6 +115,15 @@ class Transformer(nnx.Module):
         cache holding the new tokens. Called eagerly, a call that would overflow the cache raises
         KvqError; under jit the caller checks (positions past the capacity are dropped, never wrapped).
         """
+        x, cache = self.hidden(tokens, cache, n_new, attention_impl)
+        if last_only:
+            n = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32) if n_new is None else n_new
+            x = jnp.take_along_axis(x, jnp.maximum(n - 1, 0)[:, None, None], axis=1)[:, 0]
+        return self.logits(x), cache
+
+    def hidden(self, tokens: Array, cache: KVCache, n_new: Array | None = None,
+               attention_impl: str = "xla") -> tuple[Array, KVCache]:
+        """The decoder up to the final norm: `[B, T, dim]` and the updated cache (see `__call__`)."""
         b, t = tokens.shape
         if n_new is None:
             n_new = jnp.full((b,), t, jnp.int32)
@@ -124,12 +133,12 @@ class Transformer(nnx.Module):
         for blk, layer_cache in zip(self.layers, cache.layers):
             x, layer_cache = blk(x, layer_cache, cache.lengths, n_new, attention_impl)
             new_layers.append(layer_cache)
-        if last_only:
-            x = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]
-        x = self.final_norm(x)
+        return self.final_norm(x), cache.replace(layers=tuple(new_layers), lengths=cache.lengths + n_new)
+
+    def logits(self, x: Array) -> Array:
+        """LM head: final-norm output `[..., dim]` → float32 logits `[..., V]`."""
         head = self.embed.get_value() if self.lm_head is None else self.lm_head.get_value()  # [V, dim]
-        logits = (x @ head.T.astype(x.dtype)).astype(jnp.float32)
-        return logits, cache.replace(layers=tuple(new_layers), lengths=cache.lengths + n_new)
+        return (x @ head.T.astype(x.dtype)).astype(jnp.float32)
 
 
 def check_room(cache: KVCache, n_new: Array) -> None:
