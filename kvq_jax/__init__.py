@@ -9,6 +9,7 @@ Small public API:
 """
 
 from kvq_jax.cache import KVCache, init_cache
+from kvq_jax.chat import ChatSession
 from kvq_jax.config import ModelConfig
 from kvq_jax.decode import GenerationResult, generate
 from kvq_jax.errors import KvqError
@@ -20,6 +21,6 @@ from kvq_jax.sampling import SamplerConfig
 __version__ = "0.1.0"
 
 __all__ = [
-    "DenseKV", "GenerationResult", "KVCache", "KVPlan", "KvqError", "ModelConfig", "QuantSpec",
+    "ChatSession", "DenseKV", "GenerationResult", "KVCache", "KVPlan", "KvqError", "ModelConfig", "QuantSpec",
     "SamplerConfig", "Transformer", "generate", "init_cache", "load", "parse_kv",
 ]
