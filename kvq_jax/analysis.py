@@ -114,6 +114,10 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
     With `fisher`, also the loss-aware errors `k_fisher_err`/`v_fisher_err` (see `kvq_jax.fisher`)
     for a cache with this `sink` and `residual` (one extra forward and backward pass per batch).
     """
+    if model.cfg.arch not in ("llama", "qwen2"):
+        # The capture below writes out the Llama block; on another block it would measure the wrong
+        # tensors. Capturing through the model's own forward (issue 10, item 6) lifts this.
+        raise KvqError(f"analysis of {model.cfg.arch} models is not supported yet (llama and qwen2 are)")
     cfg = model.cfg
     bits = tuple(sorted(float(b) for b in bits))
     if not bits:

@@ -22,6 +22,7 @@ import numpy as np
 from kvq_jax import cache as kvcache
 from kvq_jax import packing
 from kvq_jax.cache import DenseLayer, LayerCache, PackedTensor, QuantLayer
+from kvq_jax.config import RopeScaling
 from kvq_jax.errors import KvqError
 
 Array = jax.Array
@@ -41,10 +42,28 @@ def resolve_impl(impl: str) -> str:
 # ----------------------------------------------------------------------------- position & rotation
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
+def rope_frequencies(d: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
+    """Inverse frequencies `[D/2]` float32 of RoPE with base `theta`, scaled as `scaling` says."""
+    inv = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    if scaling is None:
+        pass
+    elif scaling.kind == "linear":
+        inv = inv / scaling.factor
+    else:  # llama3: long wavelengths divided by the factor, short kept, a smooth band between
+        lo, hi, f = scaling.low_freq_factor, scaling.high_freq_factor, scaling.factor
+        wavelen = 2 * np.pi / inv
+        ctx = scaling.original_max_position
+        smooth = (ctx / wavelen - lo) / (hi - lo)
+        scaled = np.where(wavelen > ctx / lo, inv / f, inv)
+        medium = (wavelen >= ctx / hi) & (wavelen <= ctx / lo)
+        inv = np.where(medium, (1 - smooth) * inv / f + smooth * inv, scaled)
+    return inv.astype(np.float32)
+
+
+def rope(x: Array, positions: Array, theta: float, scaling: RopeScaling | None = None) -> Array:
     """Rotate-half RoPE. x `[B, T, H, D]`, positions `[B, T]`."""
     d = x.shape[-1]
-    inv = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+    inv = rope_frequencies(d, theta, scaling)
     ang = positions.astype(jnp.float32)[..., None] * inv  # [B, T, D/2]
     cos = jnp.cos(ang)[:, :, None, :]
     sin = jnp.sin(ang)[:, :, None, :]
@@ -142,29 +161,28 @@ def chunk_scores(q: Array, k: Array) -> Array:
     return jnp.stack([jnp.einsum("bhnd,bhd->bhn", k, q[:, :, i]) for i in range(q.shape[2])], axis=2)
 
 
-def flash_loop(q: Array, fetch: Callable[[Array, int], tuple[Array, Array]], n_valid: Array,
-               chunk: int, total: int) -> tuple[Array, Array]:
-    """Online-softmax attention over stored tokens `[0, n_valid[b])`, one chunk at a time.
+def flash_loop(q: Array, fetch: Callable[[Array, int], tuple[Array, Array]], visible: Callable[[Array], Array],
+               n_stored: Array, chunk: int, total: int) -> tuple[Array, Array]:
+    """Online-softmax attention over a store of `total` slots, one chunk at a time.
 
-    q `[B, H, R, D]` pre-scaled; `fetch(start, n)` → k, v `[B, H, n, D]` float32 (tokens
-    [start, start + n) of a store of `total` tokens); n_valid `[B]`, or `[B, R]` per query row (causal
-    reads). Only chunks below `max(n_valid)` are read, so the cost follows the filled length, not the
-    capacity. Returns out `[B, H, R, D]` and lse `[B, H, R]`.
+    q `[B, H, R, D]` pre-scaled; `fetch(start, n)` → k, v `[B, H, n, D]` float32 (slots
+    [start, start + n)); `visible(slots [n])` → bool `[B, R | 1, n]`, which slots each query row sees.
+    Only chunks below `n_stored` (an int32 scalar) are read, so the cost follows the filled length,
+    not the capacity. Returns out `[B, H, R, D]` and lse `[B, H, R]` (rows that see nothing: 0, -inf).
     """
     c = min(chunk, total)
     b, h, r, d = q.shape
-    lim = (n_valid[:, None] if n_valid.ndim == 1 else n_valid)[:, None, :, None]  # [B, 1, R | 1, 1]
-    n_chunks = (jnp.max(n_valid) + c - 1) // c
+    n_chunks = (jnp.minimum(n_stored, total) + c - 1) // c
 
     def body(i, carry):
         m, l, acc = carry
         # The chunk need not divide the store: the last one is moved back to end at the store's end,
-        # and the tokens it shares with the previous chunk are masked out.
+        # and the slots it shares with the previous chunk are masked out.
         start = jnp.minimum(i * c, total - c)
         kc, vc = fetch(start, c)
         s = chunk_scores(q, kc)
         pos = start + jnp.arange(c)
-        s = jnp.where((pos >= i * c) & (pos < lim), s, _NEG)
+        s = jnp.where((pos >= i * c) & visible(pos)[:, None], s, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
@@ -175,10 +193,29 @@ def flash_loop(q: Array, fetch: Callable[[Array, int], tuple[Array, Array]], n_v
     init = (jnp.full((b, h, r), _NEG, jnp.float32), jnp.zeros((b, h, r), jnp.float32),
             jnp.zeros((b, h, r, d), jnp.float32))
     m, l, acc = jax.lax.fori_loop(0, n_chunks, body, init)
-    empty = lim[..., 0] == 0
+    # A row that saw no slot kept m at _NEG (masked scores are exactly _NEG, real ones far above).
+    empty = m <= _NEG
     out = jnp.where(empty[..., None], 0.0, acc / jnp.maximum(l, 1e-30)[..., None])
     lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.maximum(l, 1e-30)))
     return out, lse
+
+
+def _below(n_valid: Array) -> Callable[[Array], Array]:
+    """Visibility of slots `[0, n_valid)`: n_valid `[B]` or `[B, R]` per query row."""
+    lim = (n_valid[:, None] if n_valid.ndim == 1 else n_valid)[..., None]  # [B, R | 1, 1]
+    return lambda pos: pos < lim
+
+
+def _in_window(end: Array, size: int, lo: Array | None) -> Callable[[Array], Array]:
+    """Visibility of a ring of `size` slots holding the items below `end [B]`, from `lo [B, R]` on."""
+    def visible(slot: Array) -> Array:
+        j = kvcache.ring_position(slot[None, None, :], end[:, None, None], size)  # [B, 1, n]
+        return (j >= 0) if lo is None else (j >= 0) & (j >= lo[..., None])
+    return visible
+
+
+def _fetch_packed(layer: QuantLayer) -> Callable[[Array, int], tuple[Array, Array]]:
+    return lambda start, n: (dequant_chunk(layer.k, start, n), dequant_chunk(layer.v, start, n))
 
 
 def packed_xla(q: Array, layer: QuantLayer, n_valid: Array) -> tuple[Array, Array]:
@@ -186,16 +223,40 @@ def packed_xla(q: Array, layer: QuantLayer, n_valid: Array) -> tuple[Array, Arra
 
     q `[B, H, R, D]` pre-scaled; n_valid `[B]` packed tokens per row.
     """
-    fetch = lambda start, n: (dequant_chunk(layer.k, start, n), dequant_chunk(layer.v, start, n))
-    return flash_loop(q, fetch, n_valid, layer.chunk, layer.body_capacity)
+    return flash_loop(q, _fetch_packed(layer), _below(n_valid), jnp.max(n_valid), layer.chunk,
+                      layer.body_capacity)
 
 
 def dense_read(q: Array, layer: DenseLayer, n_valid: Array) -> tuple[Array, Array]:
     """Attention over the first `n_valid` positions (`[B]` or `[B, R]`) of a dense layer, in chunks."""
     b, h, cap, _ = layer.k.shape
-    fetch = lambda start, n: tuple(jax.lax.dynamic_slice_in_dim(x, start, n, axis=2).astype(jnp.float32)
-                                   for x in (layer.k, layer.v))
-    return flash_loop(q, fetch, n_valid, kvcache.loop_chunk_target(b * h), cap)
+    return flash_loop(q, _fetch_dense(layer), _below(n_valid), jnp.max(n_valid),
+                      kvcache.loop_chunk_target(b * h), cap)
+
+
+def _fetch_dense(layer: DenseLayer) -> Callable[[Array, int], tuple[Array, Array]]:
+    return lambda start, n: tuple(jax.lax.dynamic_slice_in_dim(x, start, n, axis=2).astype(jnp.float32)
+                                  for x in (layer.k, layer.v))
+
+
+def read_window(q: Array, layer: LayerCache, lengths: Array, lo: Array) -> tuple[Array, Array]:
+    """Attention over what a sliding-window layer holds, from position `lo [B, R]` on (per query row).
+
+    A dense window is a ring of positions; a quantized one a body ring (packed, read in XLA: it is
+    only ~W tokens) plus the recent ring, LSE-merged. q `[B, H, R, D]` pre-scaled.
+    """
+    if isinstance(layer, DenseLayer):
+        slots = layer.k.shape[2]
+        return flash_loop(q, _fetch_dense(layer), _in_window(lengths, slots, lo), jnp.max(lengths),
+                          slots, slots)
+    n_quant = kvcache.quantized_count(layer, lengths)  # sink 0: body token j is position j
+    nb, r = layer.body_capacity, layer.residual
+    parts = [flash_loop(q, _fetch_packed(layer), _in_window(n_quant, nb, lo), jnp.max(n_quant),
+                        layer.chunk, nb)]
+    if r:
+        j = kvcache.ring_position(jnp.arange(r)[None, None, :], (n_quant + r)[:, None, None], r)
+        parts.append(_segment(q, layer.recent_k, layer.recent_v, (j < lengths[:, None, None]) & (j >= lo[..., None])))
+    return merge(parts)
 
 
 def packed_pallas(q: Array, layer: QuantLayer, n_valid: Array, interpret: bool) -> tuple[Array, Array]:
@@ -238,25 +299,29 @@ def read_quantized(q: Array, layer: QuantLayer, lengths: Array, impl: str) -> tu
 # ----------------------------------------------------------------------------- new tokens
 
 
-def causal_new(q: Array, k: Array, v: Array, q_tok: Array, n_new: Array) -> tuple[Array, Array]:
+def causal_new(q: Array, k: Array, v: Array, q_tok: Array, n_new: Array, window: int = 0) -> tuple[Array, Array]:
     """Full-precision causal attention of query rows over the new tokens.
 
     q `[B, H, R, D]` pre-scaled with `q_tok [R]` the new-token index of each row, k/v `[B, H, T, D]`,
-    n_new `[B]` valid new tokens per row. Returns out `[B, H, R, D]`, lse `[B, H, R]`.
+    n_new `[B]` valid new tokens per row; `window` > 0 limits each row to its last `window` tokens.
+    Returns out `[B, H, R, D]`, lse `[B, H, R]`.
     """
-    kpos = jnp.arange(k.shape[2])
-    mask = (kpos[None, None, :] <= q_tok[None, :, None]) & (kpos[None, None, :] < n_new[:, None, None])
+    kpos = jnp.arange(k.shape[2])[None, None, :]
+    qt = q_tok[None, :, None]
+    mask = (kpos <= qt) & (kpos < n_new[:, None, None])
+    if window:
+        mask = mask & (qt - kpos < window)
     return _segment(q, k, v, mask)
 
 
-def causal_attention(q: Array, k: Array, v: Array, n_new: Array) -> Array:
+def causal_attention(q: Array, k: Array, v: Array, n_new: Array, window: int = 0) -> Array:
     """Full-precision causal attention within a prompt (no cache).
 
     q `[B, Hkv, R, T, D]` pre-scaled, k/v `[B, Hkv, T, D]`, n_new `[B]` valid tokens per row.
     """
     b, h, rep, t, d = q.shape
     rows = q.transpose(0, 1, 3, 2, 4).reshape(b, h, t * rep, d)
-    out = _by_query_blocks(rows, rep, t, lambda qb, tok: causal_new(qb, k, v, tok, n_new)[0])
+    out = _by_query_blocks(rows, rep, t, lambda qb, tok: causal_new(qb, k, v, tok, n_new, window)[0])
     return out.reshape(b, h, t, rep, d).transpose(0, 1, 3, 2, 4)
 
 
@@ -285,12 +350,14 @@ def _by_query_blocks(q: Array, rep: int, t: int, fn: Callable[[Array, Array], Ar
 
 
 def attention(q: Array, k: Array, v: Array, layer: LayerCache, lengths: Array, n_new: Array,
-              impl: str = "xla") -> tuple[Array, LayerCache]:
+              impl: str = "xla", scale: float | None = None) -> tuple[Array, LayerCache]:
     """Attention with a cache, the single entry point used by the model.
 
     q `[B, T, Hq, D]`, k/v `[B, T, Hkv, D]` (RoPE applied), lengths `[B]` positions already cached,
-    n_new `[B]` valid new tokens per row (any T >= 1 at any fill). Returns the output `[B, T, Hq, D]`
-    (rows past `n_new[b]` are padding) and the layer cache holding the new tokens too.
+    n_new `[B]` valid new tokens per row (any T >= 1 at any fill); scores are `scale * q·k` (default
+    D ** -0.5). A sliding-window layer (`layer.window` W) lets each token see its last W positions.
+    Softmax and its accumulators are float32 whatever the compute dtype. Returns the output
+    `[B, T, Hq, D]` (rows past `n_new[b]` are padding) and the layer cache holding the new tokens too.
     """
     b, t, hq, d = q.shape
     hkv = k.shape[2]
@@ -299,13 +366,28 @@ def attention(q: Array, k: Array, v: Array, layer: LayerCache, lengths: Array, n
     if isinstance(layer, QuantLayer) and layer.rotate == "hadamard":
         # The cache holds k @ H and v @ H (H orthonormal, H @ H = I): q.k is unchanged with q @ H, and
         # the cached segments' output is rotated back; outlier channels are spread before quantization.
-        rot = jnp.asarray(hadamard(d), q.dtype)
+        rot = jnp.asarray(hadamard(d), jnp.float32)
     heads = lambda x: x.transpose(0, 2, 1, 3)  # [B, T, H, D] -> [B, H, T, D]
     # Query rows token-major: row t * rep + i is query head i of KV head h for new token t.
-    qh = (q * (1.0 / math.sqrt(d))).reshape(b, t, hkv, rep, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, t * rep, d)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qh = (q.astype(jnp.float32) * scale).reshape(b, t, hkv, rep, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, t * rep, d)
     kh, vh = heads(k), heads(v)
     impl = resolve_impl(impl)
-    if isinstance(layer, DenseLayer):
+    if layer.window:
+        # Reads the old ring before the write, which may reuse slots earlier new tokens still see (a
+        # ring is ~W tokens: a copy of it costs little).
+        w = layer.window
+        kc, vc = (kh, vh) if rot is None else (kh @ rot, vh @ rot)
+
+        def block(qb: Array, q_tok: Array) -> Array:
+            lo = lengths[:, None] + q_tok[None, :] - (w - 1)  # [B, rows] oldest visible position
+            o, lse = read_window(qb if rot is None else qb @ rot, layer, lengths, lo)
+            cached = (o if rot is None else o @ rot, lse)
+            return merge([cached, causal_new(qb, kh, vh, q_tok, n_new, w)])[0]
+
+        out = _by_query_blocks(qh, rep, t, block)
+        layer = kvcache.write(layer, kc, vc, lengths, n_new)
+    elif isinstance(layer, DenseLayer):
         # A dense layer stores what it is given, so the new tokens are written first and every query
         # reads the buffer causally (up to its own position); written before it is read, the buffer is
         # updated in place (the reverse order made XLA copy it).

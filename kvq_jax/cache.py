@@ -14,6 +14,7 @@ from typing import Union
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kvq_jax import packing, quant
 from kvq_jax.config import ModelConfig
@@ -25,10 +26,15 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class DenseLayer:
-    """Unquantized layer: `k, v [B, H, C, D]`, position p of row b at `[b, :, p]`."""
+    """Unquantized layer: `k, v [B, H, C, D]`, position p of row b at `[b, :, p]`.
+
+    A sliding-window layer (`window` W > 0) holds the last W positions only: C = min(W, capacity)
+    slots, position p in slot `p % C` (see `ring_position`).
+    """
 
     k: Array
     v: Array
+    window: int = flax.struct.field(pytree_node=False, default=0)
 
 
 @flax.struct.dataclass
@@ -47,7 +53,12 @@ class PackedTensor:
 
 @flax.struct.dataclass
 class QuantLayer:
-    """Sink `[B, H, S, D]`, packed body, recent ring `[B, H, R, D]` for K and V."""
+    """Sink `[B, H, S, D]`, packed body, recent ring `[B, H, R, D]` for K and V.
+
+    A sliding-window layer (`window` W > 0) has no sink, and its body is itself a ring of
+    `body_capacity` >= W tokens (body token j in slot `j % body_capacity`), so its size never
+    depends on the context.
+    """
 
     sink_k: Array
     sink_v: Array
@@ -61,6 +72,7 @@ class QuantLayer:
     chunk: int = flax.struct.field(pytree_node=False)
     body_capacity: int = flax.struct.field(pytree_node=False)
     rotate: str = flax.struct.field(pytree_node=False)
+    window: int = flax.struct.field(pytree_node=False, default=0)
 
 
 LayerCache = Union[DenseLayer, QuantLayer]
@@ -131,38 +143,76 @@ def init_cache(cfg: ModelConfig, kv: KVPlan | DenseKV, batch: int, capacity: int
     if batch < 1 or capacity < 1:
         raise KvqError(f"cache needs batch >= 1 and capacity >= 1, got batch={batch}, capacity={capacity}")
     h, d = cfg.n_kv_heads, cfg.head_dim
+
+    def dense(dt: jnp.dtype, window: int) -> DenseLayer:
+        slots = min(window, capacity) if window else capacity
+        return DenseLayer(jnp.zeros((batch, h, slots, d), dt), jnp.zeros((batch, h, slots, d), dt), window)
+
     if isinstance(kv, DenseKV):
-        dt = jnp.dtype(kv.dtype)
-        layer = lambda: DenseLayer(jnp.zeros((batch, h, capacity, d), dt), jnp.zeros((batch, h, capacity, d), dt))
-        return KVCache(tuple(layer() for _ in range(cfg.n_layers)), jnp.zeros((batch,), jnp.int32), capacity)
+        layers = tuple(dense(jnp.dtype(kv.dtype), cfg.window(i)) for i in range(cfg.n_layers))
+        return KVCache(layers, jnp.zeros((batch,), jnp.int32), capacity)
     kv.validate(cfg)
     scale_dtype = jnp.dtype(kv.scale_dtype)
     layers = []
     for i, (ks, vs) in enumerate(zip(kv.keys, kv.values)):
+        window = cfg.window(i)
         if ks.dense and vs.dense and kv.rotate == "none":
             # Both 16-bit: the plain dense layer, so a 16-bit plan reproduces the dense path exactly.
-            layers.append(DenseLayer(jnp.zeros((batch, h, capacity, d), dtype), jnp.zeros((batch, h, capacity, d), dtype)))
+            layers.append(dense(dtype, window))
             continue
         block = kv.block(i)
-        base = chunk_tokens(ks, vs, block)  # the body's capacity is a multiple of ~512 tokens
-        nb = max(base, -(-max(0, capacity - kv.sink) // base) * base)
+        # A local layer attends to its window only: no sink, and a body ring just longer than the
+        # window (a block more, so the oldest visible block is never the one being overwritten).
+        sink = 0 if window else kv.sink
+        base = chunk_tokens(ks, vs, block, window + block) if window else chunk_tokens(ks, vs, block)
+        nb = base if window else max(base, -(-max(0, capacity - sink) // base) * base)
         # Never longer than the most tokens the body will hold packed (short contexts read less).
-        most = chunk_tokens(ks, vs, block, max(1, capacity - kv.sink - kv.residual))
+        most = chunk_tokens(ks, vs, block, max(1, capacity - sink - kv.residual))
+        nb = min(nb, most) if window else nb
         loop = min(nb, most, chunk_tokens(ks, vs, block, chunk or loop_chunk_target(batch * h)))
         layers.append(QuantLayer(
-            sink_k=jnp.zeros((batch, h, kv.sink, d), dtype),
-            sink_v=jnp.zeros((batch, h, kv.sink, d), dtype),
+            sink_k=jnp.zeros((batch, h, sink, d), dtype),
+            sink_v=jnp.zeros((batch, h, sink, d), dtype),
             recent_k=jnp.zeros((batch, h, kv.residual, d), dtype),
             recent_v=jnp.zeros((batch, h, kv.residual, d), dtype),
             k=_packed_tensor(ks, batch, h, nb, d, block, dtype, scale_dtype),
             v=_packed_tensor(vs, batch, h, nb, d, block, dtype, scale_dtype),
-            sink=kv.sink, residual=kv.residual, block=block, chunk=loop, body_capacity=nb,
-            rotate=kv.rotate,
+            sink=sink, residual=kv.residual, block=block, chunk=loop, body_capacity=nb,
+            rotate=kv.rotate, window=window,
         ))
     return KVCache(tuple(layers), jnp.zeros((batch,), jnp.int32), capacity)
 
 
 # ----------------------------------------------------------------------------- segment bookkeeping
+
+
+def check_room(lengths: np.ndarray | Array, n_new: np.ndarray | Array, capacity: int, extra: int = 0) -> None:
+    """One clear KvqError if some row's cached + new (+ extra) positions exceed the capacity.
+
+    The one capacity check: eager model calls, prefill and generate all go through it. Traced
+    arguments (under jit) are not checked here; their caller checked before launch.
+    """
+    if isinstance(lengths, jax.core.Tracer) or isinstance(n_new, jax.core.Tracer):
+        return
+    lengths = np.asarray(lengths, np.int64)
+    n_new = np.broadcast_to(np.asarray(n_new, np.int64), lengths.shape)
+    need = lengths + n_new + extra
+    if need.max(initial=0) > capacity:
+        row = int(np.argmax(need))
+        what = f"{int(lengths[row])} cached + {int(n_new[row])} new tokens"
+        if extra:
+            what += f" + max_new_tokens {extra}"
+        raise KvqError(f"row {row}: {what} = {int(need[row])} exceeds the cache capacity "
+                       f"({capacity} positions; {max(0, capacity - int(lengths[row]))} left)")
+
+
+def ring_position(slot: Array, end: Array, size: int) -> Array:
+    """The item a ring slot holds: the newest index below `end` congruent to `slot` mod `size`.
+
+    The one map from ring slots to what they hold (dense window slots to positions, a local body's
+    slots and the recent ring's slots to body tokens). Negative: the slot holds nothing yet.
+    """
+    return end - 1 - (end - 1 - slot) % size
 
 
 def quantized_count(layer: QuantLayer, lengths: Array) -> Array:
@@ -194,12 +244,13 @@ def _scatter(buf: Array, x: Array, at: Array, enabled: Array) -> Array:
     return buf.at[rows, heads, at[:, None, :]].set(x.astype(buf.dtype), mode="drop")
 
 
-def _store_body(t: PackedTensor, x: Array, start: Array, live: Array) -> PackedTensor:
-    """Stores body tokens `x [B, H, F, D]` at body index `start[b]` onward where `live [B, F]`.
+def _store_body(t: PackedTensor, x: Array, start: Array, live: Array, reuse: bool = False) -> PackedTensor:
+    """Stores body tokens `x [B, H, F, D]` at body slot `start[b]` onward where `live [B, F]`.
 
     F is a multiple of the layer's block and `start` a block boundary, so every quantization group
     (G tokens per channel, or one token's channels) is quantized from exactly its own tokens: what a
-    block stores never depends on how the tokens arrived.
+    block stores never depends on how the tokens arrived. `reuse`: the slots may hold older tokens
+    (a local layer's body ring), so their digits are overwritten instead of added.
     """
     spec = t.spec
     f = x.shape[2]
@@ -209,8 +260,11 @@ def _store_body(t: PackedTensor, x: Array, start: Array, live: Array) -> PackedT
     codes, s, z = quant.quantize(x, spec.bits, spec.axis, spec.group, scale_dtype=t.scale.dtype,
                                  valid=live[:, None, :, None])
     codes = jnp.where(live[:, None, :, None], codes, 0).astype(codes.dtype)
-    # Digits of the body past `start` are still zero, so the codes are added into the words.
-    words = jax.vmap(lambda w, c, at: packing.add_block(w, c, at, spec.bits))(t.words, codes, start)
+    if reuse:
+        put = lambda w, c, at, on: packing.put_block(w, c, at, spec.bits, on)
+        words = jax.vmap(put)(t.words, codes, start, live[:, 0])
+    else:  # digits of the body past `start` are still zero, so the codes are added into the words
+        words = jax.vmap(lambda w, c, at: packing.add_block(w, c, at, spec.bits))(t.words, codes, start)
     if spec.axis == "channel":
         g = spec.group
         rows, rows_live = idx[:, ::g] // g, live[:, ::g]
@@ -229,6 +283,10 @@ def write(layer: LayerCache, k: Array, v: Array, lengths: Array, n_new: Array) -
     """
     if isinstance(layer, DenseLayer):
         pos, valid = _positions(k, lengths, n_new)
+        if layer.window:  # only the newest C positions of the call reach the C slots, each once
+            c = layer.k.shape[2]
+            valid = valid & (pos >= (lengths + n_new)[:, None] - c)
+            pos = pos % c
         return layer.replace(k=_scatter(layer.k, k, pos, valid), v=_scatter(layer.v, v, pos, valid))
     return write_window(flush(layer, k, v, lengths, n_new), k, v, lengths, n_new)
 
@@ -251,22 +309,40 @@ def flush(layer: QuantLayer, k: Array, v: Array, lengths: Array, n_new: Array) -
     m0 = jnp.maximum(lengths - s, 0)
     q0, q1 = quantized_count(layer, lengths), quantized_count(layer, lengths + n_new)
 
+    def tokens(lay: QuantLayer, j: Array) -> tuple[Array, Array]:
+        """K, V `[B, H, F, D]` of body tokens j `[B, F]`: in ring slot j % R while j < m0, else new
+        token j + S - lengths."""
+        src = jnp.where(j < m0[:, None], j % max(r, 1), r + j + s - lengths[:, None])
+        src = jnp.clip(src, 0, r + t - 1)[:, None, :, None]
+
+        def take(ring: Array, new: Array) -> Array:
+            pool = jnp.concatenate([ring, new.astype(ring.dtype)], axis=2)  # [B, H, R + T, D]
+            return jnp.take_along_axis(pool, jnp.broadcast_to(src, (*pool.shape[:2], j.shape[1], pool.shape[3])), axis=2)
+
+        return take(lay.recent_k, k), take(lay.recent_v, v)
+
     def run(lay: QuantLayer) -> QuantLayer:
         f = g * -(-t // g)  # Q1 - Q0 <= G * ceil(T / G)
         j = q0[:, None] + jnp.arange(f)[None, :]
-        # Body token j is in ring slot j % R while j < m0, else new token j + S - lengths.
-        src = jnp.where(j < m0[:, None], j % max(r, 1), r + j + s - lengths[:, None])
-        src = jnp.clip(src, 0, r + t - 1)[:, None, :, None]
+        kx, vx = tokens(lay, j)
         live = j < q1[:, None]
+        return lay.replace(k=_store_body(lay.k, kx, q0, live), v=_store_body(lay.v, vx, q0, live))
 
-        def tokens(ring: Array, new: Array) -> Array:
-            pool = jnp.concatenate([ring, new.astype(ring.dtype)], axis=2)  # [B, H, R + T, D]
-            return jnp.take_along_axis(pool, jnp.broadcast_to(src, (*pool.shape[:2], f, pool.shape[3])), axis=2)
+    def run_ring(lay: QuantLayer) -> QuantLayer:
+        # A local layer's body is a ring: only its newest body_capacity tokens survive the call, one
+        # block at a time (a block never wraps: the ring is a whole number of blocks).
+        nb = lay.body_capacity
+        first = jnp.maximum(q0, q1 - nb)
+        for i in range(min(-(-t // g), nb // g)):
+            j = first[:, None] + i * g + jnp.arange(g)[None, :]
+            kx, vx = tokens(lay, j)
+            live = j < q1[:, None]
+            slot = (first + i * g) % nb
+            lay = lay.replace(k=_store_body(lay.k, kx, slot, live, reuse=True),
+                              v=_store_body(lay.v, vx, slot, live, reuse=True))
+        return lay
 
-        return lay.replace(k=_store_body(lay.k, tokens(lay.recent_k, k), q0, live),
-                           v=_store_body(lay.v, tokens(lay.recent_v, v), q0, live))
-
-    return jax.lax.cond(jnp.any(q1 > q0), run, lambda lay: lay, layer)
+    return jax.lax.cond(jnp.any(q1 > q0), run_ring if layer.window else run, lambda lay: lay, layer)
 
 
 def write_window(layer: QuantLayer, k: Array, v: Array, lengths: Array, n_new: Array) -> QuantLayer:

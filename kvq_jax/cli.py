@@ -54,7 +54,7 @@ def _finite_float(s: str) -> float:
 
 
 def _common(p: argparse.ArgumentParser, kv: bool = True) -> None:
-    p.add_argument("--model", help="GGUF file or HF directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="smollm2-135m (default) | gemma3-270m | a GGUF file | an HF directory")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     if kv:
         p.add_argument("--kv", default="fp", help="fp | bf16 | K<b>V<b> (e.g. K4V2, K1.58V2) | plan JSON file")
@@ -215,8 +215,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampler = _sampler(args)
     model, tok = _load(args)
     kv = _kv(args, model.cfg.n_layers)
-    text = args.prompt if args.no_chat else tok.chat_prompt(args.prompt)
-    ids = tok.encode(text, add_bos=False)
+    chat = not args.no_chat and tok.has_chat_format
+    if not args.no_chat and not chat:
+        print("kvq-jax: this model has no chat template (a base model): the prompt is completed as plain text",
+              file=sys.stderr)
+    # A chat template writes its own BOS; raw text gets one where the model's files ask for it.
+    ids = tok.encode(tok.chat_prompt(args.prompt), add_bos=False) if chat else tok.encode(args.prompt, add_bos=tok.uses_bos)
     stream = None if args.json else TextStream(tok, _write)
     res = generate(model, [ids], max_new_tokens=args.max_new_tokens, kv=kv, sampler=sampler,
                    seed=args.seed, attention_impl=args.attention, stream=stream,
@@ -236,6 +240,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.system is not None:
         _utf8(args.system, "--system")
     model, tok = _load(args)
+    if not tok.has_chat_format:
+        raise KvqError("this model has no chat template (a base model): use `kvq-jax generate --no-chat`")
     session = ChatSession(model, tok, kv=_kv(args, model.cfg.n_layers), capacity=args.capacity,
                           system=args.system, max_new_tokens=args.max_new_tokens, sampler=_sampler(args),
                           seed=args.seed, attention_impl=args.attention, prefill_chunk=args.prefill_chunk)

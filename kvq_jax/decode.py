@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kvq_jax.cache import KVCache, init_cache
+from kvq_jax.cache import KVCache, check_room, init_cache
 from kvq_jax.errors import KvqError
 from kvq_jax.model import Transformer
 from kvq_jax.plan import DenseKV, KVPlan
@@ -58,8 +58,9 @@ def prefill(model: Transformer, prompts: Sequence[Sequence[int]], cache: KVCache
     """Appends each row's prompt to its cached history; returns the logits `[B, V]` of each row's last
     prompt token and the cache (the cache passed in is donated: use the returned one).
 
-    `chunk` 0 feeds the prompts in one call (None: `DEFAULT_PREFILL_CHUNK`) (padded to a multiple of 64 tokens, so similar lengths
-    share a compiled step); else in calls of `chunk` tokens each, all compiled once. Rows may be
+    `chunk` 0 feeds the prompts in one call (None: `DEFAULT_PREFILL_CHUNK`), padded to a multiple of
+    64 tokens so similar lengths share a compiled step; else in calls of `chunk` tokens each (or one
+    padded call if the longest prompt is shorter), all compiled once. Rows may be
     empty; a row whose prompts are all empty gets logits 0.
     """
     from kvq_jax.attention import resolve_impl
@@ -68,13 +69,14 @@ def prefill(model: Transformer, prompts: Sequence[Sequence[int]], cache: KVCache
     longest = max((len(p) for p in prompts), default=0)
     if len(prompts) != cache.batch:
         raise KvqError(f"{len(prompts)} prompts for a cache of {cache.batch} rows")
-    width = chunk or round_up(max(longest, 1), 64)
+    width = round_up(max(longest, 1), 64)
+    width = min(chunk, width) if chunk else width  # a prompt shorter than a chunk is not padded to it
     n_calls = max(1, -(-longest // width))
     toks = np.zeros((len(prompts), n_calls * width), np.int32)
     for i, p in enumerate(prompts):
         toks[i, : len(p)] = p
     n = np.asarray([len(p) for p in prompts], np.int64)
-    check_room_np(np.asarray(cache.lengths), n, cache.capacity)
+    check_room(np.asarray(cache.lengths), n, cache.capacity)
     graphdef, state = nnx.split(model)
     impl = resolve_impl(attention_impl)
     last = jnp.zeros((len(prompts), model.cfg.vocab_size), jnp.float32)
@@ -83,18 +85,6 @@ def prefill(model: Transformer, prompts: Sequence[Sequence[int]], cache: KVCache
         last, cache = _prefill_step(graphdef, state, jnp.asarray(toks[:, c * width:(c + 1) * width]), n_new,
                                     cache, last, impl=impl)
     return last, cache
-
-
-def check_room_np(lengths: np.ndarray, n_new: np.ndarray, capacity: int, extra: int = 0) -> None:
-    """One clear line if some row's cached + new (+ extra) positions exceed the capacity."""
-    need = lengths.astype(np.int64) + n_new + extra
-    if need.max(initial=0) > capacity:
-        row = int(np.argmax(need))
-        what = f"{int(lengths[row])} cached + {int(n_new[row])} prompt tokens"
-        if extra:
-            what += f" + max_new_tokens {extra}"
-        raise KvqError(f"row {row}: {what} = {int(need[row])} exceeds the cache capacity "
-                       f"({capacity} positions; {max(0, capacity - int(lengths[row]))} left)")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "sampler", "eos_ids", "impl", "stream"),
@@ -186,7 +176,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         if capacity is not None and capacity != cache.capacity:
             raise KvqError(f"capacity {capacity} given, but the cache holds {cache.capacity} positions")
         capacity = cache.capacity
-    check_room_np(lengths, n, capacity, max_new_tokens)
+    check_room(lengths, n, capacity, max_new_tokens)
     if need > cfg.max_seq_len:
         raise KvqError(f"cached + prompt + max_new_tokens = {need} tokens exceeds the model's context of "
                        f"{cfg.max_seq_len} tokens")

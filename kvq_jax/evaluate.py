@@ -1,9 +1,10 @@
 """Perplexity, KL and top-1 agreement of a (quantized) cache against the fp cache.
 
-Protocol: the text is tokenized without BOS and cut into non-overlapping windows of `context` tokens;
-the first `windows` are scored. With a cache, the first `prefill` tokens of each window are prefilled
-(in one call, or in calls of `prefill_chunk` tokens) and the rest are fed one at a time through the
-cache (teacher forcing); every token after the first of each window is scored.
+Protocol: the text is tokenized and cut into non-overlapping windows of `context` tokens, each starting
+with BOS where the model's files ask for it (Gemma; not SmolLM2); the first `windows` are scored. With
+a cache, the first `prefill` tokens of each window are prefilled (in one call, or in calls of
+`prefill_chunk` tokens) and the rest are fed one at a time through the cache (teacher forcing); every
+token after the first of each window is scored.
 """
 
 from __future__ import annotations
@@ -30,16 +31,22 @@ Array = jax.Array
 
 
 def text_windows(tok: Tokenizer, text: str, context: int, windows: int) -> np.ndarray:
-    """`[W, context]` int32: the first `windows` non-overlapping windows of the text (no BOS)."""
+    """`[W, context]` int32: the first `windows` non-overlapping windows of the text.
+
+    For a model whose files ask for BOS (`tok.uses_bos`: Gemma) each window is BOS + context - 1 text
+    tokens, as the model saw text in training; otherwise context text tokens (SmolLM2, Qwen2).
+    """
     if context < 2:
         raise KvqError(f"--context must be >= 2, got {context}")
     if windows < 1:
         raise KvqError(f"--windows must be >= 1, got {windows}")
     ids = np.asarray(tok.encode(text, add_bos=False), np.int32)
-    n = min(windows, len(ids) // context)
+    width = context - 1 if tok.uses_bos else context
+    n = min(windows, len(ids) // width)
     if n == 0:
-        raise KvqError(f"the text has {len(ids)} tokens, fewer than one window of {context}")
-    return ids[: n * context].reshape(n, context)
+        raise KvqError(f"the text has {len(ids)} tokens, fewer than one window of {width}")
+    out = ids[: n * width].reshape(n, width)
+    return np.concatenate([np.full((n, 1), tok.bos_id, np.int32), out], axis=1) if tok.uses_bos else out
 
 
 def _logprobs(logits: Array) -> Array:
@@ -170,7 +177,7 @@ def evaluate(model: Transformer, tok: Tokenizer, text: str, *, context: int = 51
     cfg = model.cfg
     result: dict[str, Any] = {
         "model": model_name or cfg.name, "kv": kv_name(kv), "windows": n_win, "context": context,
-        "tokens_scored": scored, "attention": impl,
+        "tokens_scored": scored, "attention": impl, "bos": tok.uses_bos,
     }
     dtype = model.embed.get_value().dtype
     if isinstance(kv, DenseKV) and kv.dtype == "float32":

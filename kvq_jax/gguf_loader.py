@@ -32,6 +32,13 @@ _LAYER_TENSORS = {
     "w_down": ("ffn_down.weight", True),
 }
 _LAYER_BIASES = {"bq": "attn_q.bias", "bk": "attn_k.bias", "bv": "attn_v.bias"}
+# Gemma 3's extra norms (llama.cpp's converter stores every Gemma norm as 1 + w: used as is).
+_GEMMA3_TENSORS = {
+    "q_norm": ("attn_q_norm.weight", False),
+    "k_norm": ("attn_k_norm.weight", False),
+    "post_attn_norm": ("post_attention_norm.weight", False),
+    "post_mlp_norm": ("post_ffw_norm.weight", False),
+}
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFReader:
@@ -84,6 +91,80 @@ def gguf_metadata(reader: GGUFReader) -> dict[str, Any]:
         raise KvqError(f"corrupt GGUF metadata: {_one_line(e)}") from None
 
 
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The key/values of a GGUF file's header, as `gguf_metadata` returns them, without the tensors.
+
+    A direct parse of the header (strings and arrays read in one pass): gguf's reader builds one
+    numpy view per string, ~30 s for Gemma's 262k-token vocabulary; this takes well under a second.
+    """
+    import struct
+
+    def fail(why: str) -> KvqError:
+        return KvqError(f"corrupt or truncated GGUF file {path}: {why}")
+
+    try:
+        buf = memoryview(Path(path).read_bytes())
+    except OSError as e:
+        raise KvqError(f"cannot read {path}: {e.strerror}") from None
+    if bytes(buf[:4]) != b"GGUF":
+        raise KvqError(f"not a GGUF file: {path}")
+    at = 4
+
+    def take(fmt: str) -> Any:
+        nonlocal at
+        n = struct.calcsize(fmt)
+        if at + n > len(buf):
+            raise fail("header runs past the end")
+        (v,) = struct.unpack_from(fmt, buf, at)
+        at += n
+        return v
+
+    def string() -> str:
+        nonlocal at
+        n = take("<Q")
+        if at + n > len(buf):
+            raise fail("string runs past the end")
+        v = bytes(buf[at:at + n]).decode("utf-8", errors="replace")
+        at += n
+        return v
+
+    def value(t: int) -> Any:
+        nonlocal at
+        if t == 8:
+            return string()
+        if t == 9:
+            sub, n = take("<I"), take("<Q")
+            if sub == 8:
+                return [string() for _ in range(n)]
+            if sub not in _NUMPY:
+                if sub == 9:
+                    raise fail("nested arrays are not supported")
+                raise fail(f"unknown value type {sub}")
+            dt = np.dtype(_NUMPY[sub])
+            if at + n * dt.itemsize > len(buf):
+                raise fail("array runs past the end")
+            arr = np.frombuffer(buf, dt, n, at)
+            at += n * dt.itemsize
+            return [bool(v) for v in arr.tolist()] if sub == 7 else arr.tolist()
+        if t not in _SCALARS:
+            raise fail(f"unknown value type {t}")
+        return take(_SCALARS[t])
+
+    version = take("<I")
+    if version < 2:
+        raise KvqError(f"GGUF version {version} is not supported: {path}")
+    take("<Q")  # tensor count
+    meta = {}
+    for _ in range(take("<Q")):
+        key = string()
+        meta[key] = value(take("<I"))
+    return meta
+
+
 def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undoes llama.cpp's Q/K row permutation ([out, ...] layout) back to HF rotate-half order."""
     rows = w.shape[0]
@@ -132,7 +213,7 @@ def load_gguf_params(
 
     c = cfg
     q_out, kv_out = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    permuted = c.arch == "llama"  # qwen2 GGUFs use NeoX RoPE: stored in HF order
+    permuted = c.arch == "llama"  # qwen2 and gemma3 GGUFs use NeoX RoPE: stored in HF order
     params = {
         "embed": get("token_embd.weight", "embed", (c.vocab_size, c.dim), False),
         "final_norm": get("output_norm.weight", "final_norm", (c.dim,), False),
@@ -143,10 +224,12 @@ def load_gguf_params(
         "attn_norm": (c.dim,), "wq": (c.dim, q_out), "wk": (c.dim, kv_out), "wv": (c.dim, kv_out),
         "wo": (q_out, c.dim), "mlp_norm": (c.dim,), "w_gate": (c.dim, c.hidden_dim),
         "w_up": (c.dim, c.hidden_dim), "w_down": (c.hidden_dim, c.dim),
+        "q_norm": (c.head_dim,), "k_norm": (c.head_dim,), "post_attn_norm": (c.dim,), "post_mlp_norm": (c.dim,),
     }
+    layer_tensors = {**_LAYER_TENSORS, **(_GEMMA3_TENSORS if c.arch == "gemma3" else {})}
     rope_heads = {"wq": c.n_heads, "wk": c.n_kv_heads, "bq": c.n_heads, "bk": c.n_kv_heads}
     for i in range(c.n_layers):
-        for canon, (suffix, transpose) in _LAYER_TENSORS.items():
+        for canon, (suffix, transpose) in layer_tensors.items():
             params[f"layers.{i}.{canon}"] = get(
                 f"blk.{i}.{suffix}", f"layers.{i}.{canon}", shapes[canon], transpose,
                 rope_heads.get(canon) if permuted else None,
@@ -168,6 +251,9 @@ def read_gguf(
     reader = open_gguf(path)
     meta = gguf_metadata(reader)
     names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:  # Llama 3.1+ frequency factors: ignoring them is silently wrong
+        raise KvqError("this GGUF file carries rope_freqs (Llama 3.1 RoPE scaling), which is not supported "
+                       "from GGUF yet; load the HF directory instead")
     cfg = ModelConfig.from_gguf_metadata(
         meta, has_output_weight="output.weight" in names,
         name=str(meta.get("general.name") or Path(path).stem),

@@ -30,6 +30,16 @@ _LAYER_TENSORS = {
 }
 _LAYER_BIASES = {"bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias",
                  "bv": "self_attn.v_proj.bias"}
+# Gemma 3: the norm after attention is post_attention_layernorm (Llama's name for the pre-MLP norm).
+_GEMMA3_TENSORS = {
+    "attn_norm": ("input_layernorm.weight", False),
+    "post_attn_norm": ("post_attention_layernorm.weight", False),
+    "mlp_norm": ("pre_feedforward_layernorm.weight", False),
+    "post_mlp_norm": ("post_feedforward_layernorm.weight", False),
+    "q_norm": ("self_attn.q_norm.weight", False),
+    "k_norm": ("self_attn.k_norm.weight", False),
+}
+_GEMMA_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
 _RAW_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
 
 
@@ -87,15 +97,24 @@ def load_hf_params(
     raw = dict(_iter_safetensors(files))
     dt = np.dtype(dtype)
 
+    c = cfg
+    gemma = c.arch == "gemma3"
+    # Gemma 3 multimodal checkpoints nest the text model; take whichever prefix the file uses.
+    root = next((p for p in _GEMMA_PREFIXES if p + "embed_tokens.weight" in raw), "model.") if gemma else "model."
+
     def get(name: str, canon: str, shape: tuple[int, ...], transpose: bool) -> np.ndarray:
+        if name.startswith("model."):
+            name = root + name[len("model."):]
         if name not in raw:
             raise KvqError(f"{d.name} lacks tensor {name}")
         w = raw[name].T if transpose else raw[name]
         if w.shape != shape:
             raise KvqError(f"tensor {name} has shape {w.shape} for {canon}, expected {shape}")
+        w = np.asarray(w, dtype=np.float32)
+        if gemma and canon.endswith("norm"):
+            w = w + 1.0  # Gemma's RMSNorm multiplies by 1 + w; the model multiplies by its weight
         return np.ascontiguousarray(w, dtype=dt)
 
-    c = cfg
     q_out, kv_out = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     params = {
         "embed": get("model.embed_tokens.weight", "embed", (c.vocab_size, c.dim), False),
@@ -107,10 +126,12 @@ def load_hf_params(
         "attn_norm": (c.dim,), "wq": (c.dim, q_out), "wk": (c.dim, kv_out), "wv": (c.dim, kv_out),
         "wo": (q_out, c.dim), "mlp_norm": (c.dim,), "w_gate": (c.dim, c.hidden_dim),
         "w_up": (c.dim, c.hidden_dim), "w_down": (c.hidden_dim, c.dim),
+        "q_norm": (c.head_dim,), "k_norm": (c.head_dim,), "post_attn_norm": (c.dim,), "post_mlp_norm": (c.dim,),
     }
+    layer_tensors = {**_LAYER_TENSORS, **_GEMMA3_TENSORS} if gemma else _LAYER_TENSORS
     for i in range(c.n_layers):
         pre = f"model.layers.{i}."
-        for canon, (suffix, transpose) in _LAYER_TENSORS.items():
+        for canon, (suffix, transpose) in layer_tensors.items():
             params[f"layers.{i}.{canon}"] = get(pre + suffix, f"layers.{i}.{canon}",
                                                 shapes[canon], transpose)
         if c.qkv_bias:

@@ -1,4 +1,4 @@
-"""Flax NNX Llama-family decoder (llama, qwen2) with an explicit functional KV cache.
+"""Flax NNX decoders (llama, qwen2, gemma3: one block per architecture) with a functional KV cache.
 
 `logits, cache = model(tokens, cache, n_new)`: the cache is a pytree passed in and returned, never
 module state, so the model can be split (`nnx.split`) and merged inside a jitted decode loop.
@@ -6,6 +6,7 @@ module state, so the model can be split (`nnx.split`) and merged inside a jitted
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import jax
@@ -14,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from kvq_jax.attention import attention, rope
-from kvq_jax.cache import KVCache
+from kvq_jax.cache import KVCache, check_room
 from kvq_jax.config import ModelConfig
 from kvq_jax.errors import KvqError
 
@@ -45,13 +46,18 @@ class Linear(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+    """Q/K/V projections, RoPE (and per-head QK-norm where the architecture has it), the cache."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: jnp.dtype, rngs: nnx.Rngs, qk_norm: bool = False):
         hd = cfg.head_dim
         self.cfg = cfg
+        self.theta, self.scaling = cfg.rope(layer)
         self.wq = Linear(cfg.dim, cfg.n_heads * hd, cfg.qkv_bias, dtype, rngs)
         self.wk = Linear(cfg.dim, cfg.n_kv_heads * hd, cfg.qkv_bias, dtype, rngs)
         self.wv = Linear(cfg.dim, cfg.n_kv_heads * hd, cfg.qkv_bias, dtype, rngs)
         self.wo = Linear(cfg.n_heads * hd, cfg.dim, False, dtype, rngs)
+        self.q_norm = RMSNorm(hd, cfg.norm_eps, dtype) if qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.norm_eps, dtype) if qk_norm else None
 
     def qkv(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
         """x `[B, T, dim]` → q `[B, T, Hq, D]`, k, v `[B, T, Hkv, D]` with RoPE applied."""
@@ -60,30 +66,50 @@ class Attention(nnx.Module):
         q = self.wq(x).reshape(b, t, c.n_heads, c.head_dim)
         k = self.wk(x).reshape(b, t, c.n_kv_heads, c.head_dim)
         v = self.wv(x).reshape(b, t, c.n_kv_heads, c.head_dim)
-        return rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta), v
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return rope(q, positions, self.theta, self.scaling), rope(k, positions, self.theta, self.scaling), v
 
     def __call__(self, x, layer_cache, lengths, n_new, impl):
         b, t, _ = x.shape
         positions = lengths[:, None] + jnp.arange(t)[None, :]
         q, k, v = self.qkv(x, positions)
-        out, layer_cache = attention(q, k, v, layer_cache, lengths, n_new, impl)
+        out, layer_cache = attention(q, k, v, layer_cache, lengths, n_new, impl, self.cfg.scale)
         return self.wo(out.reshape(b, t, -1)), layer_cache
+
+    def params(self, prefix: str) -> dict[str, nnx.Param]:
+        p = {prefix + n: getattr(self, n).w for n in ("wq", "wk", "wv", "wo")}
+        if self.cfg.qkv_bias:
+            p.update({prefix + b: getattr(self, n).b for n, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv"))})
+        if self.q_norm is not None:
+            p.update({prefix + "q_norm": self.q_norm.weight, prefix + "k_norm": self.k_norm.weight})
+        return p
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+    """Gated MLP: `down(act(gate(x)) * up(x))` with SiLU (SwiGLU) or tanh-approximated GELU (GeGLU)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs, gelu: bool = False):
         self.w_gate = Linear(cfg.dim, cfg.hidden_dim, False, dtype, rngs)
         self.w_up = Linear(cfg.dim, cfg.hidden_dim, False, dtype, rngs)
         self.w_down = Linear(cfg.hidden_dim, cfg.dim, False, dtype, rngs)
+        self.gelu = gelu
 
     def __call__(self, x: Array) -> Array:
-        return self.w_down(jax.nn.silu(self.w_gate(x)) * self.w_up(x))
+        g = self.w_gate(x)
+        g = jax.nn.gelu(g, approximate=True) if self.gelu else jax.nn.silu(g)
+        return self.w_down(g * self.w_up(x))
+
+    def params(self, prefix: str) -> dict[str, nnx.Param]:
+        return {prefix + n: getattr(self, n).w for n in ("w_gate", "w_up", "w_down")}
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+    """Llama / Qwen2 block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
-        self.attn = Attention(cfg, dtype, rngs)
+        self.attn = Attention(cfg, layer, dtype, rngs)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
         self.mlp = MLP(cfg, dtype, rngs)
 
@@ -92,18 +118,49 @@ class Block(nnx.Module):
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), layer_cache
 
+    def params(self, prefix: str) -> dict[str, nnx.Param]:
+        return {prefix + "attn_norm": self.attn_norm.weight, prefix + "mlp_norm": self.mlp_norm.weight,
+                **self.attn.params(prefix), **self.mlp.params(prefix)}
+
+
+class Gemma3Block(nnx.Module):
+    """Gemma 3 block: norms before and after attention and the GeGLU MLP, QK-norm, local or global
+    attention per `cfg.local_layers`. Norm weights are multipliers (HF's `1 + w`, as GGUF stores them)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: jnp.dtype, rngs: nnx.Rngs):
+        norm = lambda: RMSNorm(cfg.dim, cfg.norm_eps, dtype)
+        self.attn_norm, self.post_attn_norm, self.mlp_norm, self.post_mlp_norm = norm(), norm(), norm(), norm()
+        self.attn = Attention(cfg, layer, dtype, rngs, qk_norm=True)
+        self.mlp = MLP(cfg, dtype, rngs, gelu=True)
+
+    def __call__(self, x, layer_cache, lengths, n_new, impl):
+        h, layer_cache = self.attn(self.attn_norm(x), layer_cache, lengths, n_new, impl)
+        x = x + self.post_attn_norm(h)
+        return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x))), layer_cache
+
+    def params(self, prefix: str) -> dict[str, nnx.Param]:
+        norms = ("attn_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm")
+        return {**{prefix + n: getattr(self, n).weight for n in norms}, **self.attn.params(prefix),
+                **self.mlp.params(prefix)}
+
+
+ARCH_BLOCKS = {"llama": Block, "qwen2": Block, "gemma3": Gemma3Block}
+
 
 class Transformer(nnx.Module):
-    """Decoder-only transformer. Random init; use `load_params` for real weights."""
+    """Decoder-only transformer (llama, qwen2, gemma3). Random init; use `load_params` for real weights."""
 
     def __init__(self, cfg: ModelConfig, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)
         self.cfg = cfg
         self.embed = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.dim), dtype) * 0.02)
-        self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.n_layers)])
+        block = ARCH_BLOCKS[cfg.arch]
+        self.layers = nnx.List([block(cfg, i, dtype, rngs) for i in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
         self.lm_head = None if cfg.tie_embeddings else nnx.Param(
             jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.dim), dtype) * 0.02)  # [V, dim]
+        # Gemma scales the embeddings by sqrt(dim), rounded to the compute dtype as the reference does.
+        self.embed_scale = math.sqrt(cfg.dim) if cfg.arch == "gemma3" else None
 
     def __call__(self, tokens: Array, cache: KVCache, n_new: Array | None = None,
                  attention_impl: str = "xla", last_only: bool = False) -> tuple[Array, KVCache]:
@@ -127,8 +184,10 @@ class Transformer(nnx.Module):
         b, t = tokens.shape
         if n_new is None:
             n_new = jnp.full((b,), t, jnp.int32)
-        check_room(cache, n_new)
+        check_room(cache.lengths, n_new, cache.capacity)
         x = jnp.take(self.embed.get_value(), tokens, axis=0)
+        if self.embed_scale is not None:
+            x = x * jnp.asarray(self.embed_scale, x.dtype)
         new_layers = []
         for blk, layer_cache in zip(self.layers, cache.layers):
             x, layer_cache = blk(x, layer_cache, cache.lengths, n_new, attention_impl)
@@ -138,50 +197,26 @@ class Transformer(nnx.Module):
     def logits(self, x: Array) -> Array:
         """LM head: final-norm output `[..., dim]` → float32 logits `[..., V]`."""
         head = self.embed.get_value() if self.lm_head is None else self.lm_head.get_value()  # [V, dim]
-        return (x @ head.T.astype(x.dtype)).astype(jnp.float32)
-
-
-def check_room(cache: KVCache, n_new: Array) -> None:
-    """Raises KvqError if appending `n_new [B]` tokens would overflow a concrete cache (no-op under jit)."""
-    if isinstance(cache.lengths, jax.core.Tracer) or isinstance(n_new, jax.core.Tracer):
-        return
-    end = np.asarray(cache.lengths) + np.asarray(n_new)
-    if end.max(initial=0) > cache.capacity:
-        row = int(np.argmax(end))
-        raise KvqError(f"row {row}: {int(np.asarray(cache.lengths)[row])} cached + "
-                       f"{int(np.asarray(n_new)[row])} new tokens exceed the cache capacity of "
-                       f"{cache.capacity} positions")
+        logits = (x @ head.T.astype(x.dtype)).astype(jnp.float32)
+        cap = self.cfg.final_logit_softcap
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 def load_params(model: Transformer, params: Mapping[str, np.ndarray]) -> None:
     """Copies a canonical parameter dict (see gguf_loader) into the model, checking every shape."""
     dtype = model.embed.get_value().dtype
-    used: set[str] = set()
-
-    def put(target: nnx.Param, key: str) -> None:
+    targets: dict[str, nnx.Param] = {"embed": model.embed, "final_norm": model.final_norm.weight}
+    if model.lm_head is not None:
+        targets["lm_head"] = model.lm_head
+    for i, blk in enumerate(model.layers):
+        targets.update(blk.params(f"layers.{i}."))
+    for key, target in targets.items():
         if key not in params:
             raise KvqError(f"weights lack tensor {key!r}")
         arr = np.asarray(params[key])
         if arr.shape != target.get_value().shape:
             raise KvqError(f"tensor {key!r} has shape {arr.shape}, model expects {target.get_value().shape}")
         target.set_value(jnp.asarray(arr, dtype))
-        used.add(key)
-
-    put(model.embed, "embed")
-    put(model.final_norm.weight, "final_norm")
-    if model.lm_head is not None:
-        put(model.lm_head, "lm_head")
-    for i, blk in enumerate(model.layers):
-        p = f"layers.{i}."
-        put(blk.attn_norm.weight, p + "attn_norm")
-        put(blk.mlp_norm.weight, p + "mlp_norm")
-        for name in ("wq", "wk", "wv", "wo"):
-            put(getattr(blk.attn, name).w, p + name)
-        if model.cfg.qkv_bias:
-            for name, bname in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")):
-                put(getattr(blk.attn, name).b, p + bname)
-        for name in ("w_gate", "w_up", "w_down"):
-            put(getattr(blk.mlp, name).w, p + name)
-    extra = set(params) - used
+    extra = set(params) - set(targets)
     if extra:
         raise KvqError(f"weights hold unexpected tensors: {', '.join(sorted(extra)[:5])}")

@@ -152,3 +152,35 @@ def add_block(
     contrib = _pack_aligned(local, bits)
     contrib = jnp.where(jnp.asarray(enabled, jnp.bool_), contrib, jnp.uint32(0))
     return words.at[..., w0 + jnp.arange(nw), :].add(contrib, mode="drop")
+
+
+def put_block(
+    words: jax.Array,
+    codes: jax.Array,
+    start: jax.Array | int,
+    bits: float,
+    enabled: jax.Array | bool = True,
+) -> jax.Array:
+    """Overwrites G consecutive tokens at token `start` with `codes [..., G, D]` (a ring slot reused).
+
+    Like `add_block`, but the old digits there may be anything: the words the block spans are
+    unpacked, the block's digits replaced and the words repacked. Words past the storage are dropped.
+    """
+    words = jnp.asarray(words)
+    codes = jnp.asarray(codes)
+    _check_codes(codes, "codes")
+    p = digits_per_word(bits)
+    *lead, w, d = words.shape
+    g = codes.shape[-2]
+    if g == 0:
+        return words
+    nw = -(-(g + p - 1) // p)
+    start = jnp.asarray(start, jnp.int32)
+    w0 = start // p
+    span = w0 + jnp.arange(nw)
+    old = jnp.take(words, jnp.minimum(span, w - 1), axis=-2)
+    local = unpack(old, bits, dtype=codes.dtype)  # [..., nw * P, D]
+    zeros = (0,) * len(lead)
+    local = lax.dynamic_update_slice(local, codes, (*zeros, start - w0 * p, 0))
+    new = jnp.where(jnp.asarray(enabled, jnp.bool_), _pack_aligned(local, bits), old)
+    return words.at[..., span, :].set(new, mode="drop")

@@ -1,4 +1,4 @@
-"""Tokenizer: byte-level BPE (HF `tokenizers`) plus special ids and the model's chat template."""
+"""Tokenizer: byte-level BPE or SentencePiece (HF `tokenizers`), special ids, chat template."""
 
 from __future__ import annotations
 
@@ -28,8 +28,11 @@ _PRE_DIGITS = {"smollm", "starcoder", "refact", "codeshell"}
 _PRE_QWEN2 = {"qwen2", "deepseek-r1-qwen"}
 _PRE_LLAMA3 = {"llama-bpe", "llama3"}
 
+# llama.cpp's `tokenizer.ggml.token_type` values.
+_TOKEN_UNKNOWN = 2
 _TOKEN_CONTROL = 3
 _TOKEN_USER_DEFINED = 4
+_SPM_SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
 _SYSTEM_IN_TEMPLATE = re.compile(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", re.S)
 
@@ -53,6 +56,16 @@ class Tokenizer:
         self.add_bos_token = add_bos_token
 
     # ------------------------------------------------------------------ basics
+    @property
+    def uses_bos(self) -> bool:
+        """Whether the model's files ask for BOS in front of raw text (Gemma, Llama 2/3; not SmolLM2)."""
+        return self.add_bos_token and self.bos_id is not None
+
+    @property
+    def has_chat_format(self) -> bool:
+        """A template of its own, or ChatML's tokens for the fallback; a base model has neither."""
+        return self.chat_template is not None or self.token_id("<|im_start|>") is not None
+
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
@@ -147,49 +160,53 @@ class Tokenizer:
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any]) -> "Tokenizer":
-        """Rebuilds the byte-level BPE stored in GGUF `tokenizer.ggml.*` metadata."""
+        """Rebuilds the tokenizer stored in GGUF `tokenizer.ggml.*` metadata.
+
+        `tokenizer.ggml.model` 'gpt2' is byte-level BPE with merges; 'llama' is SentencePiece BPE
+        (Llama 2, Gemma), whose merges are recovered from the token scores.
+        """
         model = meta.get("tokenizer.ggml.model")
-        if model != "gpt2":
+        if model not in ("gpt2", "llama"):
             raise KvqError(
-                f"unsupported GGUF tokenizer model {model!r} (only byte-level BPE 'gpt2' is supported)"
+                f"unsupported GGUF tokenizer model {model!r} "
+                "(supported: byte-level BPE 'gpt2', SentencePiece 'llama')"
             )
         tokens = list(meta.get("tokenizer.ggml.tokens") or ())
-        merges = list(meta.get("tokenizer.ggml.merges") or ())
         if not tokens:
             raise KvqError("GGUF metadata lacks tokenizer.ggml.tokens")
-        types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+        types = [int(t) for t in (meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))]
         if len(types) != len(tokens):
             raise KvqError("GGUF tokenizer.ggml.token_type and tokens differ in length")
-        pre = meta.get("tokenizer.ggml.pre", "default")
-
         vocab: dict[str, int] = {}
         for i, t in enumerate(tokens):
             vocab.setdefault(t, i)  # a duplicated string keeps its first id
-        pairs = []
-        for m in merges:
-            parts = m.split(" ", 1)
-            if len(parts) != 2:
-                raise KvqError(f"malformed GGUF merge {m!r}")
-            pairs.append((parts[0], parts[1]))
-        backend = tokenizers.Tokenizer(
-            models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False,
-                       ignore_merges=pre in _PRE_LLAMA3)
-        )
-        _set_byte_level_pipeline(backend, pre)
-        added = [
-            AddedToken(tokens[i], special=types[i] == _TOKEN_CONTROL, normalized=False)
-            for i in range(len(tokens))
-            if types[i] in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)
-        ]
-        backend.add_tokens(added)
 
         def opt_id(key: str) -> int | None:
             v = meta.get(key)
             return None if v is None else int(v)
 
+        if model == "gpt2":
+            backend = _gguf_bpe_backend(vocab, meta)
+            special_types = {_TOKEN_CONTROL}
+            add_bos_default = False
+        else:
+            unk_id = opt_id("tokenizer.ggml.unknown_token_id")
+            backend = _gguf_spm_backend(vocab, tokens, meta, unk_id)
+            # llama.cpp matches <unk> written in the text too; it also adds BOS to a
+            # SentencePiece vocabulary whose file does not say otherwise.
+            special_types = {_TOKEN_CONTROL, _TOKEN_UNKNOWN}
+            add_bos_default = True
+        added = [
+            AddedToken(tokens[i], special=types[i] in special_types, normalized=False)
+            for i in range(len(tokens))
+            if types[i] in special_types or types[i] == _TOKEN_USER_DEFINED
+        ]
+        backend.add_tokens(added)
+
         eos_ids: list[int] = []
+        # <end_of_turn> ends Gemma chat turns and <|im_end|> ChatML ones; neither is the file's EOS.
         for i in (opt_id("tokenizer.ggml.eos_token_id"), opt_id("tokenizer.ggml.eot_token_id"),
-                  vocab.get("<|im_end|>")):
+                  vocab.get("<end_of_turn>"), vocab.get("<|im_end|>")):
             if i is not None and i not in eos_ids:
                 eos_ids.append(i)
         return cls(
@@ -197,7 +214,7 @@ class Tokenizer:
             bos_id=opt_id("tokenizer.ggml.bos_token_id"),
             eos_ids=eos_ids,
             chat_template=meta.get("tokenizer.chat_template"),
-            add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+            add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
         )
 
     @classmethod
@@ -244,6 +261,79 @@ class Tokenizer:
             chat_template=template if isinstance(template, str) else None,
             add_bos_token=bool(config.get("add_bos_token", False)),
         )
+
+
+def _gguf_bpe_backend(vocab: dict[str, int], meta: Mapping[str, Any]) -> tokenizers.Tokenizer:
+    """Byte-level BPE ('gpt2') from the file's merges and pre-tokenizer name."""
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    pairs = []
+    for m in meta.get("tokenizer.ggml.merges") or ():
+        parts = m.split(" ", 1)
+        if len(parts) != 2:
+            raise KvqError(f"malformed GGUF merge {m!r}")
+        pairs.append((parts[0], parts[1]))
+    backend = tokenizers.Tokenizer(
+        models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False,
+                   ignore_merges=pre in _PRE_LLAMA3)
+    )
+    _set_byte_level_pipeline(backend, pre)
+    return backend
+
+
+def _gguf_spm_backend(
+    vocab: dict[str, int], tokens: Sequence[str], meta: Mapping[str, Any], unk_id: int | None
+) -> tokenizers.Tokenizer:
+    """SentencePiece BPE ('llama') as HF's Llama/Gemma converters and llama.cpp's SPM build it.
+
+    Text becomes "▁"-spaced pieces merged best-score first; characters outside the vocabulary
+    fall back to `<0xNN>` byte tokens.
+    """
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None:
+        # Without scores nothing says which merge comes first.
+        raise KvqError("unsupported GGUF tokenizer model 'llama' without tokenizer.ggml.scores")
+    scores = [float(x) for x in scores]
+    if len(scores) != len(tokens):
+        raise KvqError("GGUF tokenizer.ggml.scores and tokens differ in length")
+    unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
+    backend = tokenizers.Tokenizer(
+        models.BPE(vocab=vocab, merges=_spm_merges(vocab, tokens, scores), fuse_unk=True,
+                   byte_fallback=True, unk_token=unk)
+    )
+    # No pre-tokenizer: SentencePiece merges across the whole span between added tokens.
+    replace = normalizers.Replace(" ", _SPM_SPACE)
+    unspace = [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if meta.get("tokenizer.ggml.add_space_prefix", False):
+        # Llama 2: a dummy "▁" starts each span, and decoding drops the one at the start.
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend(_SPM_SPACE), replace])
+        backend.decoder = decoders.Sequence([*unspace, decoders.Strip(" ", 1, 0)])
+    else:  # Gemma
+        backend.normalizer = replace
+        backend.decoder = decoders.Sequence(unspace)
+    return backend
+
+
+def _spm_merges(
+    vocab: Mapping[str, int], tokens: Sequence[str], scores: Sequence[float]
+) -> list[tuple[str, str]]:
+    """The BPE merges a SentencePiece vocabulary implies, best first.
+
+    Every split of a token into two vocabulary pieces is a merge, ranked by the token's score
+    (highest first), then by token id and the pieces' ids -- the order HF's
+    SentencePieceExtractor gives. One dict lookup per split: ~1 s for a 262k vocabulary.
+    """
+    get = vocab.get
+    ranked: list[tuple[float, int, int, int]] = []
+    for tok, i in vocab.items():
+        neg = -scores[i]
+        for k in range(1, len(tok)):
+            left = get(tok[:k])
+            if left is not None:
+                right = get(tok[k:])
+                if right is not None:
+                    ranked.append((neg, i, left, right))
+    ranked.sort()
+    return [(tokens[left], tokens[right]) for _, _, left, right in ranked]
 
 
 def _set_byte_level_pipeline(backend: tokenizers.Tokenizer, pre: str) -> None:

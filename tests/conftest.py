@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 
@@ -9,6 +10,15 @@ import jax
 import pytest
 
 jax.config.update("jax_platforms", "cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drops JAX's compiled programs after each test module: a whole suite's worth (hundreds of
+    shapes, unrolled models, Gemma's 262k-entry LM head) outgrew the 24 GiB CI machine."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def smollm2_path() -> str | None:

@@ -254,11 +254,11 @@ def test_capacity_overflow_is_one_line_before_launch(two_layer):
     cfg = two_layer.cfg
     cache = init_cache(cfg, DenseKV(), 1, 40)
     _, cache = two_layer(jnp.ones((1, 30), jnp.int32), cache)
-    with pytest.raises(KvqError, match=r"row 0: 30 cached \+ 11 new tokens exceed the cache capacity of 40") as e:
+    with pytest.raises(KvqError, match=r"row 0: 30 cached \+ 11 new tokens = 41 exceeds the cache capacity \(40 positions; 10 left\)") as e:
         two_layer(jnp.ones((1, 11), jnp.int32), cache)
     assert "\n" not in str(e.value)
     res = generate(two_layer, [[5, 6, 7]], max_new_tokens=4, capacity=16, attention_impl="xla")
-    with pytest.raises(KvqError, match=r"row 0: 7 cached \+ 6 prompt tokens \+ max_new_tokens 4 = 17 exceeds "
+    with pytest.raises(KvqError, match=r"row 0: 7 cached \+ 6 new tokens \+ max_new_tokens 4 = 17 exceeds "
                                        r"the cache capacity \(16 positions; 9 left\)"):
         generate(two_layer, [[1] * 6], max_new_tokens=4, cache=res.cache)
     with pytest.raises(KvqError, match="another kv plan"):

@@ -97,6 +97,9 @@ def random_params(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
         })
         if c.qkv_bias:
             p.update({f"layers.{i}.bq": r(q), f"layers.{i}.bk": r(kv), f"layers.{i}.bv": r(kv)})
+        if c.arch == "gemma3":
+            p.update({f"layers.{i}.{n}": 1 + 0.1 * r(c.dim) for n in ("post_attn_norm", "post_mlp_norm")})
+            p.update({f"layers.{i}.{n}": 1 + 0.1 * r(c.head_dim) for n in ("q_norm", "k_norm")})
     return p
 
 
@@ -110,6 +113,8 @@ _GGUF_LAYER = {
     "wv": "attn_v.weight", "wo": "attn_output.weight", "mlp_norm": "ffn_norm.weight",
     "w_gate": "ffn_gate.weight", "w_up": "ffn_up.weight", "w_down": "ffn_down.weight",
     "bq": "attn_q.bias", "bk": "attn_k.bias", "bv": "attn_v.bias",
+    "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight",
+    "post_attn_norm": "post_attention_norm.weight", "post_mlp_norm": "post_ffw_norm.weight",
 }
 
 
@@ -169,6 +174,8 @@ def write_gguf(
     w.add_uint32(f"{arch}.vocab_size", cfg.vocab_size)
     w.add_float32(f"{arch}.rope.freq_base", cfg.rope_theta)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.norm_eps)
+    if cfg.sliding_window:
+        w.add_uint32(f"{arch}.attention.sliding_window", cfg.sliding_window)
     w.add_tokenizer_model(tok_meta["tokenizer.ggml.model"])
     w.add_tokenizer_pre(tok_meta["tokenizer.ggml.pre"])
     w.add_token_list(tok_meta["tokenizer.ggml.tokens"])
@@ -368,11 +375,11 @@ def test_unsupported_arch_and_missing_tensor(tmp_path: Path) -> None:
 
 def test_unsupported_tokenizer_model(tmp_path: Path) -> None:
     meta = tiny_tokenizer_meta()
-    meta["tokenizer.ggml.model"] = "llama"
-    path = tmp_path / "spm.gguf"
+    meta["tokenizer.ggml.model"] = "bert"
+    path = tmp_path / "bert.gguf"
     cfg = tiny_cfg()
     write_gguf(path, cfg, gguf_tensors(cfg, random_params(cfg)), meta)
-    with pytest.raises(KvqError, match="unsupported GGUF tokenizer model 'llama'"):
+    with pytest.raises(KvqError, match="unsupported GGUF tokenizer model 'bert'"):
         read_gguf(path)
 
 

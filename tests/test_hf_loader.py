@@ -35,14 +35,25 @@ _HF_LAYER = {
     "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight",
     "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias",
 }
+_HF_GEMMA3 = {
+    "post_attn_norm": "post_attention_layernorm.weight", "mlp_norm": "pre_feedforward_layernorm.weight",
+    "post_mlp_norm": "post_feedforward_layernorm.weight", "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight",
+}
 BF16_KEY = "layers.0.w_up"
 
 
 def write_hf_dir(d: Path, cfg: ModelConfig, params: dict[str, np.ndarray], tok: Tokenizer) -> None:
     """A minimal HF checkpoint: config.json, two safetensors shards (one bf16 tensor), tokenizer."""
     d.mkdir(parents=True, exist_ok=True)
+    gemma = cfg.arch == "gemma3"
+    extra = dict(
+        layer_types=["sliding_attention" if cfg.window(i) else "full_attention" for i in range(cfg.n_layers)],
+        sliding_window=cfg.sliding_window, rope_local_base_freq=cfg.rope_local_theta,
+        query_pre_attn_scalar=cfg.head_dim, hidden_activation="gelu_pytorch_tanh",
+    ) if gemma else {}
     (d / "config.json").write_text(json.dumps({
-        "model_type": cfg.arch, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+        **extra, "model_type": "gemma3_text" if gemma else cfg.arch, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
         "intermediate_size": cfg.hidden_dim, "rms_norm_eps": cfg.norm_eps,
@@ -50,14 +61,17 @@ def write_hf_dir(d: Path, cfg: ModelConfig, params: dict[str, np.ndarray], tok: 
         "max_position_embeddings": cfg.max_seq_len, "bos_token_id": cfg.bos_id,
         "eos_token_id": list(cfg.eos_ids),
     }))
+    # HF Gemma norms store w for a multiplier of 1 + w.
+    shift = lambda key, w: w - 1.0 if gemma and key.endswith("norm") else w
     hf: dict[str, np.ndarray] = {"model.embed_tokens.weight": params["embed"],
-                                 "model.norm.weight": params["final_norm"]}
+                                 "model.norm.weight": shift("final_norm", params["final_norm"])}
     if "lm_head" in params:
         hf["lm_head.weight"] = params["lm_head"]
+    names = {**_HF_LAYER, **(_HF_GEMMA3 if gemma else {})}
     for key, w in params.items():
         if key.startswith("layers."):
             _, i, canon = key.split(".")
-            hf[f"model.layers.{i}.{_HF_LAYER[canon]}"] = np.ascontiguousarray(w.T if w.ndim == 2 else w)
+            hf[f"model.layers.{i}.{names[canon]}"] = np.ascontiguousarray(shift(key, w.T if w.ndim == 2 else w))
     bf_name = "model.layers.0.mlp.up_proj.weight"
     hf[bf_name] = hf[bf_name].astype(ml_dtypes.bfloat16)
     names = sorted(hf)
@@ -69,10 +83,13 @@ def write_hf_dir(d: Path, cfg: ModelConfig, params: dict[str, np.ndarray], tok: 
         {"chat_template": tok.chat_template, "eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_hf_matches_gguf(tmp_path: Path, arch: str) -> None:
+    """Same weights through both loaders; for gemma3 the HF norms are w, the GGUF ones 1 + w."""
     meta = H.tiny_tokenizer_meta()
-    cfg = H.tiny_cfg(arch, name="x")
+    # gemma3 GGUF: llama.cpp's fixed pattern makes every layer of a 2-layer model local.
+    kw = dict(sliding_window=8, local_layers=(0, 1)) if arch == "gemma3" else {}
+    cfg = H.tiny_cfg(arch, name="x", **kw)
     params = H.random_params(cfg, seed=7)
     # The bf16 tensor: both paths must see the same (bf16-rounded) values.
     params[BF16_KEY] = params[BF16_KEY].astype(ml_dtypes.bfloat16).astype(np.float32)

@@ -145,7 +145,9 @@ def test_unsupported_tokenizers() -> None:
     meta = H.tiny_tokenizer_meta()
     with pytest.raises(KvqError, match="pre-tokenizer 'mystery'"):
         Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.pre": "mystery"})
-    with pytest.raises(KvqError, match="tokenizer model 'llama'"):
+    with pytest.raises(KvqError, match="tokenizer model 'bert'"):
+        Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.model": "bert"})
+    with pytest.raises(KvqError, match="'llama' without tokenizer.ggml.scores"):
         Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.model": "llama"})
     with pytest.raises(KvqError, match="tokens"):
         Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.tokens": []})
