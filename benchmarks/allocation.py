@@ -1,4 +1,4 @@
-"""Budgeted allocation on SmolLM2 (issue 4 table): calibrate on the first half of the text, evaluate
+"""Budgeted allocation (issue 4 table on SmolLM2; issue 10 on Gemma 3 with --model gemma3-270m): calibrate on the first half of the text, evaluate
 on the second half; ppl at each data budget for uniform KbVb, the reference norm rule and our
 sensitivity rules (attention-output error, and its Fisher-weighted, loss-aware variant).
 
@@ -32,13 +32,16 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=6)
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.0, 2.5, 3.0, 4.0])
     ap.add_argument("--methods", nargs="+", default=["uniform", "norm", "sensitivity", "fisher"])
+    ap.add_argument("--model", default="smollm2-135m", help="a model name or a GGUF file")
+    ap.add_argument("--prefill", type=int, default=64)
     args = ap.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     text = open(args.text, encoding="utf-8").read()
     half = len(text) // 2
     calib, held_out = text[:half], text[half:]
-    model, tok = load()
-    stats_path = os.path.join(args.out_dir, "smollm2_stats.npz")
+    model, tok = load(args.model)
+    slug = "smollm2" if args.model == "smollm2-135m" else os.path.basename(str(args.model)).split(".")[0]
+    stats_path = os.path.join(args.out_dir, f"{slug}_stats.npz")
     if os.path.exists(stats_path):
         stats = KVStats.load(stats_path)
     else:
@@ -51,11 +54,11 @@ def main() -> None:
                 runs = [(spec, parse_kv(spec, model.cfg.n_layers), budget) for spec in UNIFORM.get(budget, ())]
             else:
                 alloc = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name)
-                alloc.plan.save(os.path.join(args.out_dir, f"plan_{method}_{budget:g}.json"))
+                alloc.plan.save(os.path.join(args.out_dir, f"{'' if slug == 'smollm2' else slug + '_'}plan_{method}_{budget:g}.json"))
                 runs = [(method, alloc.plan, float(alloc.spent))]
             for label, kv, spent in runs:
                 r = evaluate(model, tok, held_out, context=args.context, windows=args.windows, kv=kv,
-                             progress=False)
+                             prefill=args.prefill, progress=False)
                 r.update(label=label, method=method, budget=budget, spent=spent,
                          k_bits=[s.bits for s in kv.keys], v_bits=[s.bits for s in kv.values])
                 line = json.dumps(r)
@@ -65,7 +68,7 @@ def main() -> None:
     # The report shows every rule's plan at 3 bits, whichever methods this run evaluated.
     plans = {m: allocate_detailed(stats, 3.0, method=m, model_name=model.cfg.name).plan
              for m in ("norm", "sensitivity", "fisher")}
-    report_dir = os.path.join(args.out_dir, "report")
+    report_dir = os.path.join(args.out_dir, "report" if slug == "smollm2" else f"{slug}_report")
     write_report(stats, report_dir, plans=plans)
     print(json.dumps({"report": os.path.join(report_dir, "report.md")}))
 

@@ -2,9 +2,9 @@
 
 Needs `pip install torch transformers accelerate` (not a kvq_jax dependency). transformers dequantizes the GGUF
 itself (its own loader and Q/K un-permutation), so this checks our loader and model independently.
-Both score the same token windows (kvq_jax's tokenizer; the HF tokenizer is compared too).
+Both score the same token windows (kvq_jax's tokenizer and BOS protocol; the HF tokenizer is compared too).
 
-python benchmarks/check_ppl_vs_hf.py --text ../shared/data/wiki_squad_dev.txt [--context 512 --windows 6]
+python benchmarks/check_ppl_vs_hf.py --text ../shared/data/wiki_squad_dev.txt [--model gemma3-270m] [--context 512 --windows 6]
 """
 
 from __future__ import annotations
@@ -21,20 +21,21 @@ def main() -> None:
     ap.add_argument("--text", required=True)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--windows", type=int, default=6)
+    ap.add_argument("--model", default="smollm2-135m", help="a model name or a GGUF file")
     args = ap.parse_args()
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kvq_jax.evaluate import evaluate, text_windows
-    from kvq_jax.loading import default_model_path, load
+    from kvq_jax.loading import load, resolve_model
 
     text = open(args.text, encoding="utf-8").read()
-    model, tok = load()
+    path = resolve_model(args.model)
+    model, tok = load(path)
     ours = evaluate(model, tok, text, context=args.context, windows=args.windows, progress=False)
     windows = text_windows(tok, text, args.context, args.windows)
 
-    path = default_model_path()
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
     hf.eval()
     hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -51,7 +52,8 @@ def main() -> None:
     print(json.dumps({
         "kvq_jax_ppl": ours["ppl"], "hf_transformers_ppl": hf_ppl,
         "rel_diff": abs(ours["ppl"] - hf_ppl) / hf_ppl, "tokenizers_agree_on_sample": same_tokens,
-        "windows": int(windows.shape[0]), "context": args.context,
+        "windows": int(windows.shape[0]), "context": args.context, "bos": bool(tok.uses_bos),
+        "model": model.cfg.name,
     }))
 
 

@@ -1,6 +1,6 @@
-"""Quality of quantized caches on SmolLM2: ppl, KL, top-1, effective bits (issue 3 table).
+"""Quality of quantized caches: ppl, KL, top-1, effective bits (issue 3 table; issue 10 for Gemma 3).
 
-python benchmarks/quality.py [--text ../shared/data/wiki_squad_dev.txt] [--out benchmarks/results/quality.jsonl]
+python benchmarks/quality.py [--model gemma3-270m] [--text ../shared/data/wiki_squad_dev.txt] [--out benchmarks/results/quality.jsonl]
 Each line printed (and appended to --out) is one `kvq-jax eval --json` result.
 """
 
@@ -38,9 +38,10 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=64)
     ap.add_argument("--only", nargs="*", help="labels to run")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--model", default="smollm2-135m", help="a model name or a GGUF file")
     args = ap.parse_args()
     text = open(args.text, encoding="utf-8").read()
-    model, tok = load()
+    model, tok = load(args.model)
     for label, spec, over in CONFIGS:
         if args.only and label not in args.only:
             continue

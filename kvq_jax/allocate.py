@@ -16,8 +16,12 @@ Distortion models (`method`):
   errors under the cache's sink/window protocol weighted by the loss's Fisher information, i.e. the
   predicted rise in NLL (kvq_jax.fisher): one unit for every layer and for K and V.
 
-Budget: the mean cost per cached K/V element over all layers' keys and values (every layer's K and
-V holds the same number of elements, so this is the mean over the 2L tensors). The cost of a width is
+Budget: the mean cost per cached K/V element over all layers' keys and values. By default every
+layer's K and V holds the same number of elements, so this is the mean over the 2L tensors (the
+element budget). With `layer_tokens` (the tokens each layer holds at a target context: a sliding-window
+layer min(W, context), a global one the context) it is the mean over the elements the cache really
+holds (the memory budget): a bit spent on a 512-token local layer costs 512 tokens' worth, on a global
+layer the whole context's. The cost of a width is
 its nominal value (1.58 counts 1.58), or with `count_overhead=True` `storage_bits + overhead_bits`
 (packing waste plus scales/zeros). Sink and recent-window tokens are full precision whatever the plan
 and are not counted. Costs are exact rationals (scaled to integers), so the budget is never exceeded
@@ -30,9 +34,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from fractions import Fraction
+from typing import Sequence
 
 import numpy as np
 
+from kvq_jax.config import ModelConfig
 from kvq_jax.errors import KvqError
 from kvq_jax.plan import KVPlan, QuantSpec
 from kvq_jax.stats import KVStats, canonical_bits as _num
@@ -53,7 +59,9 @@ class Allocation:
         width whose cost does not exceed the mean cost of that layer's heads (never over budget).
     k_err, v_err [L]: predicted distortion of the allocation under the method's model (per-head
         allocation: summed over the layer's heads). Units depend on the method.
-    spent: mean cost per element of the allocation (<= budget); plan_spent: same for the plan.
+    spent: mean cost per element of the allocation (<= budget); plan_spent: same for the plan; both
+        weighted by `layer_tokens` when given. plan_element_bits: the plan's unweighted mean over the
+        2L tensors (the element budget's measure), whichever budget was used.
     steps: number of greedy upgrades taken.
     """
 
@@ -71,6 +79,8 @@ class Allocation:
     steps: int
     k_bits_head: np.ndarray | None = None
     v_bits_head: np.ndarray | None = None
+    plan_element_bits: float = 0.0
+    layer_tokens: tuple[int, ...] | None = None
 
     @property
     def total_err(self) -> float:
@@ -122,10 +132,12 @@ def allocate_detailed(
     scale_dtype: str = "bfloat16",
     per_head: bool = False,
     model_name: str | None = None,
+    layer_tokens: Sequence[int] | None = None,
 ) -> Allocation:
     """Greedy rate-distortion allocation of K/V widths per layer (or per head) under `budget`.
 
-    budget: mean bits per cached K/V element (see module docstring). bits: allowed widths (default
+    budget: mean bits per cached K/V element (see module docstring; `layer_tokens [L]` weighs each
+    layer by the tokens it holds, see `layer_tokens_at`). bits: allowed widths (default
     `stats.bits`). Raises KvqError for an unknown method/norm, a width that is not allowed (or not
     measured, for "sensitivity"), or a budget below the cheapest assignment.
     """
@@ -141,6 +153,13 @@ def allocate_detailed(
         raise KvqError(f"budget must be a positive number of bits, got {budget}")
     widths = _widths(stats, bits, method)
     L = stats.n_layers
+    if layer_tokens is None:
+        tokens = np.ones(L, np.int64)
+    else:
+        tokens = np.asarray(layer_tokens)
+        if tokens.shape != (L,) or not np.issubdtype(tokens.dtype, np.integer) or (tokens < 1).any():
+            raise KvqError(f"layer_tokens must be {L} positive integers, got {list(layer_tokens)}")
+        tokens = tokens.astype(np.int64)
 
     k_spec = [_spec(b, key_axis, group_k) for b in widths]
     v_spec = [_spec(b, value_axis, group_v) for b in widths]
@@ -160,15 +179,19 @@ def allocate_detailed(
     # exact integer costs (common denominator); the capacity is floored, so it is never exceeded
     budget_q = _budget_fraction(budget)
     denom = math.lcm(*(c.denominator for c in k_cost + v_cost))
-    cost = np.array([[int(c * denom) for c in row] for row in frac], dtype=object)
+    unit = np.array([[int(c * denom) for c in row] for row in frac], dtype=object)
+    # an item's elements: its layer's tokens (items are layer-major, heads inside, keys then values)
+    weight = np.concatenate([np.repeat(tokens, n_half // L)] * 2)
+    cost = unit * weight[:, None].astype(object)
+    total = int(weight.sum())
     # more budget than the widest assignment needs changes nothing (and keeps the ints small)
-    capacity = min(math.floor(budget_q * denom * len(frac)), int(cost[:, -1].sum()))
+    capacity = min(math.floor(budget_q * denom * total), int(cost[:, -1].sum()))
     if int(cost.max()) * len(frac) >= 2**62:
         raise KvqError("width costs are too fine-grained to allocate exactly")
-    cost = cost.astype(np.int64)
+    cost, unit = cost.astype(np.int64), unit.astype(np.int64)
     cheapest = int(cost[:, 0].sum())
     if cheapest > capacity:
-        least = cheapest / (denom * len(frac))
+        least = cheapest / (denom * total)
         raise KvqError(f"budget {budget:g} bits is below the cheapest assignment "
                        f"({least:.4g} bits: every K and V at {_num(widths[0])} bits)")
 
@@ -190,15 +213,20 @@ def allocate_detailed(
     k_bits_head = v_bits_head = None
     if per_head:
         k_bits_head, v_bits_head = wv[k_idx], wv[v_idx]
-        k_idx, v_idx = _layer_floor(k_idx, cost[0]), _layer_floor(v_idx, cost[n_half])
+        k_idx, v_idx = _layer_floor(k_idx, unit[0]), _layer_floor(v_idx, unit[n_half])
         k_err, v_err = k_err.sum(axis=1), v_err.sum(axis=1)
-    plan_spent = (cost[0][k_idx].sum() + cost[n_half][v_idx].sum()) / (denom * 2 * L)
-    spent_f = spent / (denom * len(frac))
+    per_layer = unit[0][k_idx] + unit[n_half][v_idx]  # [L] scaled cost of a layer's K + V element
+    plan_spent = (per_layer * tokens).sum() / (denom * 2 * tokens.sum())
+    plan_elements = per_layer.sum() / (denom * 2 * L)
+    spent_f = spent / (denom * total)
 
     name = model_name if model_name is not None else stats.model_name
     what = f"{method}" + (f"/{norm}" if method not in _MEASURED else "") + (" per-head" if per_head else "")
     note = (f"allocate: method={what} budget={budget:g} bits/elt"
-            f"{' (storage+overhead)' if count_overhead else ' (nominal)'} spent={float(plan_spent):.4f}")
+            f"{' (storage+overhead)' if count_overhead else ' (nominal)'}"
+            f"{' over the elements held (memory budget)' if layer_tokens is not None else ''}"
+            f" spent={float(plan_spent):.4f}"
+            + (f", {float(plan_elements):.4f} per layer element" if layer_tokens is not None else ""))
     plan = KVPlan(
         keys=tuple(k_spec[i] for i in k_idx), values=tuple(v_spec[i] for i in v_idx),
         residual=residual, sink=sink, rotate=rotate, scale_dtype=scale_dtype,
@@ -207,7 +235,15 @@ def allocate_detailed(
         plan=plan, method=method, budget=budget, count_overhead=count_overhead,
         bits=tuple(_num(w) for w in widths), k_bits=wv[k_idx], v_bits=wv[v_idx],
         k_err=k_err, v_err=v_err, spent=float(spent_f), plan_spent=float(plan_spent), steps=steps,
-        k_bits_head=k_bits_head, v_bits_head=v_bits_head)
+        k_bits_head=k_bits_head, v_bits_head=v_bits_head, plan_element_bits=float(plan_elements),
+        layer_tokens=None if layer_tokens is None else tuple(int(t) for t in tokens))
+
+
+def layer_tokens_at(cfg: ModelConfig, context: int) -> tuple[int, ...]:
+    """Tokens each layer's cache holds at `context`: min(W, context) for a sliding-window layer."""
+    if context < 1:
+        raise KvqError(f"--target-context must be >= 1, got {context}")
+    return tuple(min(cfg.window(i), context) if cfg.window(i) else context for i in range(cfg.n_layers))
 
 
 def _greedy(red: np.ndarray, cost: np.ndarray, capacity: int,

@@ -3,14 +3,16 @@
 Per layer and KV head: Frobenius and spectral norms and singular values of K (before and after RoPE)
 and V, the relative quantization error of K and V at each candidate width (under the plan's grouping),
 and the error of the layer's attention output when only its keys, or only its values, are quantized.
-Weight norms of W_K and W_V come from the parameters. Spectra are exact: they come from the
-accumulated Gram matrices `X^T X [D, D]`, so memory does not grow with the number of tokens.
+The activations come from the model's own forward pass (`Transformer.forward` returns each layer's
+`Taps`), so every architecture is analysed as it runs; a layer's attention errors use its own score
+scale and sliding window. Weight norms of W_K and W_V come from the parameters. Spectra are exact:
+they come from the accumulated Gram matrices `X^T X [D, D]`, so memory does not grow with the number
+of tokens.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import sys
 from typing import Sequence
 
@@ -22,38 +24,33 @@ from tqdm.auto import tqdm
 
 from kvq_jax import quant
 from kvq_jax.attention import causal_attention
+from kvq_jax.cache import init_cache
 from kvq_jax.errors import KvqError
 from kvq_jax.fisher import fisher_pass, layer_fisher_errors
-from kvq_jax.model import Transformer
-from kvq_jax.plan import DEFAULT_BLOCK
+from kvq_jax.model import Taps, Transformer
+from kvq_jax.plan import DEFAULT_BLOCK, DenseKV
 from kvq_jax.stats import DEFAULT_BITS, KVStats
 
 Array = jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _block_capture(graphdef, state, x: Array, positions: Array):
-    """One decoder block at full precision; also returns its q, k before/after RoPE and v.
-
-    x `[B, T, dim]` → x, q `[B, T, Hq, D]`, k_pre, k, v `[B, T, Hkv, D]`.
-    """
-    blk = nnx.merge(graphdef, state)
-    b, t, _ = x.shape
-    h = blk.attn_norm(x)
-    cfg = blk.attn.cfg
-    k_pre = blk.attn.wk(h).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-    q, k, v = blk.attn.qkv(h, positions)
-    out = _attend(q, k, v)
-    x = x + blk.attn.wo(out.reshape(b, t, -1))
-    return x + blk.mlp(blk.mlp_norm(x)), q, k_pre, k, v
+def capture(graphdef, state, tokens: Array) -> tuple[Taps, ...]:
+    """Each layer's `Taps` (q, k before/after RoPE, v, attention output) from the model's own forward
+    pass over windows `[B, T]` into a full-precision cache."""
+    model = nnx.merge(graphdef, state)
+    cache = init_cache(model.cfg, DenseKV("float32"), tokens.shape[0], tokens.shape[1])
+    return model.forward(tokens, cache)[2]
 
 
-def _attend(q: Array, k: Array, v: Array) -> Array:
-    """Causal attention, q `[B, T, Hq, D]`, k/v `[B, T, Hkv, D]` → `[B, T, Hq, D]`."""
+def _attend(q: Array, k: Array, v: Array, scale: float | None = None, window: int = 0) -> Array:
+    """Causal attention as the model's layer does it, q `[B, T, Hq, D]`, k/v `[B, T, Hkv, D]` →
+    `[B, T, Hq, D]`: scores scaled by `scale` (default D ** -0.5), `window` > 0 for a local layer."""
     b, t, hq, d = q.shape
     hkv = k.shape[2]
-    qh = (q / math.sqrt(d)).reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4)
-    out = causal_attention(qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), jnp.full((b,), t, jnp.int32))
+    qh = (q * (d ** -0.5 if scale is None else scale)).reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4)
+    out = causal_attention(qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), jnp.full((b,), t, jnp.int32),
+                           window)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
 
 
@@ -64,15 +61,18 @@ def _qdq(x: Array, bits: float, axis: str, group: int, scale_dtype) -> Array:
     return quant.dequantize(codes, s, z, axis, group).transpose(0, 2, 1, 3)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "key_axis", "value_axis", "group_k", "group_v", "scale_dtype"))
+@functools.partial(jax.jit, static_argnames=("bits", "key_axis", "value_axis", "group_k", "group_v", "scale_dtype",
+                                             "scale", "window"))
 def _layer_sums(q, k_pre, k, v, *, bits: tuple[float, ...], key_axis: str, value_axis: str,
-                group_k: int, group_v: int, scale_dtype: str) -> dict[str, Array]:
+                group_k: int, group_v: int, scale_dtype: str, scale: float | None = None,
+                window: int = 0) -> dict[str, Array]:
     """Sums over a batch of windows for one layer (all `[H, ...]`, H = KV heads)."""
     f32 = lambda a: a.astype(jnp.float32)
     q, k_pre, k, v = map(f32, (q, k_pre, k, v))
     gram = lambda x: jnp.einsum("bthd,bthe->hde", x, x)
     sq = lambda x: jnp.sum(x * x, axis=(0, 1, 3))
-    ref = _attend(q, k, v)
+    attend = lambda kk, vv: _attend(q, kk, vv, scale, window)
+    ref = attend(k, v)
     hkv = k.shape[2]
     per_head = lambda e: jnp.sum(e.reshape(e.shape[:2] + (hkv, -1, e.shape[3])), axis=(0, 1, 3, 4))
     out = {"k_gram": gram(k), "v_gram": gram(v), "kpre_gram": gram(k_pre), "k_sq": sq(k), "v_sq": sq(v),
@@ -84,8 +84,8 @@ def _layer_sums(q, k_pre, k, v, *, bits: tuple[float, ...], key_axis: str, value
         v_hat = _qdq(v, b, value_axis, group_v, sd)
         kq.append(sq(k_hat - k))
         vq.append(sq(v_hat - v))
-        ka.append(per_head((_attend(q, k_hat, v) - ref) ** 2))
-        va.append(per_head((_attend(q, k, v_hat) - ref) ** 2))
+        ka.append(per_head((attend(k_hat, v) - ref) ** 2))
+        va.append(per_head((attend(k, v_hat) - ref) ** 2))
     out.update(k_qerr=jnp.stack(kq, -1), v_qerr=jnp.stack(vq, -1), k_attn=jnp.stack(ka, -1),
                v_attn=jnp.stack(va, -1))
     return out
@@ -114,10 +114,6 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
     With `fisher`, also the loss-aware errors `k_fisher_err`/`v_fisher_err` (see `kvq_jax.fisher`)
     for a cache with this `sink` and `residual` (one extra forward and backward pass per batch).
     """
-    if model.cfg.arch not in ("llama", "qwen2"):
-        # The capture below writes out the Llama block; on another block it would measure the wrong
-        # tensors. Capturing through the model's own forward (issue 10, item 6) lifts this.
-        raise KvqError(f"analysis of {model.cfg.arch} models is not supported yet (llama and qwen2 are)")
     cfg = model.cfg
     bits = tuple(sorted(float(b) for b in bits))
     if not bits:
@@ -132,21 +128,20 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
     for ax, g in ((key_axis, group_k), (value_axis, group_v)):
         if ax == "token" and cfg.head_dim % g:
             raise KvqError(f"head_dim {cfg.head_dim} is not divisible by the group {g}")
-    graphdef, _ = nnx.split(model.layers[0])
-    states = [nnx.split(blk)[1] for blk in model.layers]
+    graphdef, state = nnx.split(model)
     groups = [g for ax, g in ((key_axis, group_k), (value_axis, group_v)) if ax == "channel"]
     block = max(groups, default=DEFAULT_BLOCK)  # the cache's flush block (KVPlan.block)
     if fisher and (sink < 0 or residual < block or residual % block):
         raise KvqError(f"residual {residual} must be a positive multiple of the block {block}, sink >= 0")
     fisher = fisher and t > sink + residual  # shorter windows never read a quantized token
-    fisher_kw = dict(bits=bits, key_axis=key_axis, value_axis=value_axis, group_k=group_k,
-                     group_v=group_v, sink=sink, residual=residual, block=block, scale_dtype=scale_dtype)
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states) if fisher else None
-    head = model.embed.get_value() if model.lm_head is None else model.lm_head.get_value()
-    norm_w = model.final_norm.weight.get_value().astype(jnp.float32)
+    # A layer is measured as the cache holds it: its own score scale and window; a local layer has no
+    # sink (see cache.init_cache).
+    geometry = [dict(scale=cfg.scale, window=cfg.window(i)) for i in range(cfg.n_layers)]
+    fisher_kw = [dict(bits=bits, key_axis=key_axis, value_axis=value_axis, group_k=group_k, group_v=group_v,
+                      sink=0 if g["window"] else sink, residual=residual, block=block, scale_dtype=scale_dtype, **g)
+                 for g in geometry]
     fisher_k = np.zeros((cfg.n_layers, len(bits)))
     fisher_v = np.zeros((cfg.n_layers, len(bits)))
-    emb = model.embed.get_value()
     totals: list[dict[str, np.ndarray]] = [{} for _ in range(cfg.n_layers)]
     kw = dict(bits=bits, key_axis=key_axis, value_axis=value_axis, group_k=group_k, group_v=group_v,
               scale_dtype=scale_dtype)
@@ -155,18 +150,15 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
                unit="layer", leave=False)
     for s in starts:
         toks = jnp.asarray(windows[s: s + batch])
-        x = jnp.take(emb, toks, axis=0)
-        pos = jnp.broadcast_to(jnp.arange(t), toks.shape)
-        for i, st in enumerate(states):
-            x, q, k_pre, k, v = _block_capture(graphdef, st, x, pos)
-            sums = jax.device_get(_layer_sums(q, k_pre, k, v, **kw))
+        for i, tap in enumerate(capture(graphdef, state, toks)):
+            sums = jax.device_get(_layer_sums(tap.q, tap.k_pre, tap.k, tap.v, **kw, **geometry[i]))
             for name, val in sums.items():
                 totals[i][name] = totals[i].get(name, 0.0) + np.asarray(val, np.float64)
             bar.update(1)
         if fisher:
-            _, grads, (fq, fk, fv) = fisher_pass(graphdef, stacked, emb, head, norm_w, cfg.norm_eps, toks)
+            _, grads, (fq, fk, fv) = fisher_pass(graphdef, state, toks)
             for i in range(cfg.n_layers):
-                ke, ve = layer_fisher_errors(fq[i], fk[i], fv[i], grads[i], **fisher_kw)
+                ke, ve = layer_fisher_errors(fq[i], fk[i], fv[i], grads[i], **fisher_kw[i])
                 fisher_k[i] += np.asarray(ke, np.float64)
                 fisher_v[i] += np.asarray(ve, np.float64)
     bar.close()

@@ -27,12 +27,15 @@ from kvq_jax.errors import KvqError
 
 Array = jax.Array
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+# The XLA path with every loop of static length (unfilled chunks masked, not skipped), so reverse-mode
+# differentiation works: the analysis differentiates the loss through the model's own forward pass.
+DIFFERENTIABLE = "xla_differentiable"
 _NEG = -1e30  # finite "minus infinity" for masked scores: exp() of it is exactly 0, no NaN
 
 
 def resolve_impl(impl: str) -> str:
     """`auto` → `pallas` on TPU/GPU, `xla` on CPU."""
-    if impl not in IMPLS:
+    if impl not in IMPLS and impl != DIFFERENTIABLE:
         raise KvqError(f"bad attention implementation {impl!r} (choose from {', '.join(IMPLS)})")
     if impl == "auto":
         return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
@@ -162,17 +165,17 @@ def chunk_scores(q: Array, k: Array) -> Array:
 
 
 def flash_loop(q: Array, fetch: Callable[[Array, int], tuple[Array, Array]], visible: Callable[[Array], Array],
-               n_stored: Array, chunk: int, total: int) -> tuple[Array, Array]:
+               n_stored: Array, chunk: int, total: int, static: bool = False) -> tuple[Array, Array]:
     """Online-softmax attention over a store of `total` slots, one chunk at a time.
 
     q `[B, H, R, D]` pre-scaled; `fetch(start, n)` → k, v `[B, H, n, D]` float32 (slots
     [start, start + n)); `visible(slots [n])` → bool `[B, R | 1, n]`, which slots each query row sees.
     Only chunks below `n_stored` (an int32 scalar) are read, so the cost follows the filled length,
-    not the capacity. Returns out `[B, H, R, D]` and lse `[B, H, R]` (rows that see nothing: 0, -inf).
+    not the capacity; `static` visits every chunk (a loop of fixed length: differentiable). Returns out `[B, H, R, D]` and lse `[B, H, R]` (rows that see nothing: 0, -inf).
     """
     c = min(chunk, total)
     b, h, r, d = q.shape
-    n_chunks = (jnp.minimum(n_stored, total) + c - 1) // c
+    n_chunks = -(-total // c) if static else (jnp.minimum(n_stored, total) + c - 1) // c
 
     def body(i, carry):
         m, l, acc = carry
@@ -218,20 +221,20 @@ def _fetch_packed(layer: QuantLayer) -> Callable[[Array, int], tuple[Array, Arra
     return lambda start, n: (dequant_chunk(layer.k, start, n), dequant_chunk(layer.v, start, n))
 
 
-def packed_xla(q: Array, layer: QuantLayer, n_valid: Array) -> tuple[Array, Array]:
+def packed_xla(q: Array, layer: QuantLayer, n_valid: Array, static: bool = False) -> tuple[Array, Array]:
     """Flash-decoding over the packed body in XLA: one chunk dequantized at a time, online softmax.
 
     q `[B, H, R, D]` pre-scaled; n_valid `[B]` packed tokens per row.
     """
     return flash_loop(q, _fetch_packed(layer), _below(n_valid), jnp.max(n_valid), layer.chunk,
-                      layer.body_capacity)
+                      layer.body_capacity, static)
 
 
-def dense_read(q: Array, layer: DenseLayer, n_valid: Array) -> tuple[Array, Array]:
+def dense_read(q: Array, layer: DenseLayer, n_valid: Array, static: bool = False) -> tuple[Array, Array]:
     """Attention over the first `n_valid` positions (`[B]` or `[B, R]`) of a dense layer, in chunks."""
     b, h, cap, _ = layer.k.shape
     return flash_loop(q, _fetch_dense(layer), _below(n_valid), jnp.max(n_valid),
-                      kvcache.loop_chunk_target(b * h), cap)
+                      kvcache.loop_chunk_target(b * h), cap, static)
 
 
 def _fetch_dense(layer: DenseLayer) -> Callable[[Array, int], tuple[Array, Array]]:
@@ -239,7 +242,7 @@ def _fetch_dense(layer: DenseLayer) -> Callable[[Array, int], tuple[Array, Array
                                   for x in (layer.k, layer.v))
 
 
-def read_window(q: Array, layer: LayerCache, lengths: Array, lo: Array) -> tuple[Array, Array]:
+def read_window(q: Array, layer: LayerCache, lengths: Array, lo: Array, static: bool = False) -> tuple[Array, Array]:
     """Attention over what a sliding-window layer holds, from position `lo [B, R]` on (per query row).
 
     A dense window is a ring of positions; a quantized one a body ring (packed, read in XLA: it is
@@ -248,11 +251,11 @@ def read_window(q: Array, layer: LayerCache, lengths: Array, lo: Array) -> tuple
     if isinstance(layer, DenseLayer):
         slots = layer.k.shape[2]
         return flash_loop(q, _fetch_dense(layer), _in_window(lengths, slots, lo), jnp.max(lengths),
-                          slots, slots)
+                          slots, slots, static)
     n_quant = kvcache.quantized_count(layer, lengths)  # sink 0: body token j is position j
     nb, r = layer.body_capacity, layer.residual
     parts = [flash_loop(q, _fetch_packed(layer), _in_window(n_quant, nb, lo), jnp.max(n_quant),
-                        layer.chunk, nb)]
+                        layer.chunk, nb, static)]
     if r:
         j = kvcache.ring_position(jnp.arange(r)[None, None, :], (n_quant + r)[:, None, None], r)
         parts.append(_segment(q, layer.recent_k, layer.recent_v, (j < lengths[:, None, None]) & (j >= lo[..., None])))
@@ -284,8 +287,8 @@ def read_quantized(q: Array, layer: QuantLayer, lengths: Array, impl: str) -> tu
     parts = [_segment(q, layer.sink_k, layer.sink_v, jnp.arange(s)[None, :] < lengths[:, None])] if s else []
     n_quant = kvcache.quantized_count(layer, lengths)
     dense_body = layer.k.spec.dense or layer.v.spec.dense
-    if impl == "xla" or dense_body or q.shape[2] > _KERNEL_ROWS:
-        parts.append(packed_xla(q, layer, n_quant))
+    if impl in ("xla", DIFFERENTIABLE) or dense_body or q.shape[2] > _KERNEL_ROWS:
+        parts.append(packed_xla(q, layer, n_quant, impl == DIFFERENTIABLE))
     else:
         parts.append(packed_pallas(q, layer, n_quant, interpret=impl == "pallas_interpret"))
     if r:
@@ -381,7 +384,7 @@ def attention(q: Array, k: Array, v: Array, layer: LayerCache, lengths: Array, n
 
         def block(qb: Array, q_tok: Array) -> Array:
             lo = lengths[:, None] + q_tok[None, :] - (w - 1)  # [B, rows] oldest visible position
-            o, lse = read_window(qb if rot is None else qb @ rot, layer, lengths, lo)
+            o, lse = read_window(qb if rot is None else qb @ rot, layer, lengths, lo, impl == DIFFERENTIABLE)
             cached = (o if rot is None else o @ rot, lse)
             return merge([cached, causal_new(qb, kh, vh, q_tok, n_new, w)])[0]
 
@@ -393,7 +396,8 @@ def attention(q: Array, k: Array, v: Array, layer: LayerCache, lengths: Array, n
         # updated in place (the reverse order made XLA copy it).
         layer = kvcache.write(layer, kh, vh, lengths, n_new)
         upto = lambda tok: lengths[:, None] + jnp.minimum(tok[None, :] + 1, n_new[:, None])  # [B, rows]
-        out = _by_query_blocks(qh, rep, t, lambda qb, tok: dense_read(qb, layer, upto(tok))[0])
+        static = impl == DIFFERENTIABLE
+        out = _by_query_blocks(qh, rep, t, lambda qb, tok: dense_read(qb, layer, upto(tok), static)[0])
     else:
         kc, vc = (kh, vh) if rot is None else (kh @ rot, vh @ rot)
         # The body is flushed first (it only changes past what is read: the old Q(n) packed tokens),

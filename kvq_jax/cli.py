@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "norm / weight-norm: the reference c*2^(-2b) rule")
     a.add_argument("--norm", default="fro", choices=("fro", "spec"), help="norm used by --method norm")
     a.add_argument("--count-overhead", action="store_true", help="count scale/zero bits in the budget")
+    a.add_argument("--target-context", type=_positive_int,
+                   help="read --budget per element the cache holds at this context (a memory budget: "
+                        "sliding-window layers hold only their window); default: per layer element")
     a.add_argument("--stats", help="reuse (or write) the statistics file (.npz)")
     a.add_argument("--out", required=True, help="plan JSON to write")
     a.add_argument("--report", help="directory for figures and report.md")
@@ -322,7 +325,7 @@ def _parse_bits(text: str) -> tuple[float, ...]:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from kvq_jax.allocate import allocate_detailed
+    from kvq_jax.allocate import allocate_detailed, layer_tokens_at
     from kvq_jax.stats import KVStats
 
     out = Path(args.out)
@@ -349,10 +352,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         stats, args.budget, method=args.method, bits=bits, norm=args.norm,
         count_overhead=args.count_overhead, key_axis=args.key_axis, value_axis=args.value_axis,
         group_k=args.group_k, group_v=args.group_v, residual=args.residual, sink=args.sink,
-        model_name=model.cfg.name)
+        model_name=model.cfg.name,
+        layer_tokens=None if args.target_context is None else layer_tokens_at(model.cfg, args.target_context))
     alloc.plan.save(out)
     summary = {"model": model.cfg.name, "method": args.method, "budget": args.budget, "out": str(out),
-               "spent": float(alloc.spent), "k_bits": [float(b) for b in alloc.k_bits],
+               "target_context": args.target_context, "spent": float(alloc.spent),
+               "element_bits": float(alloc.plan_element_bits), "k_bits": [float(b) for b in alloc.k_bits],
                "v_bits": [float(b) for b in alloc.v_bits]}
     if args.report:
         from kvq_jax.report import norm_summary, write_report

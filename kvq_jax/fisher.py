@@ -18,7 +18,6 @@ one it depends on.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,9 @@ import numpy as np
 from flax import nnx
 
 from kvq_jax import quant
+from kvq_jax.attention import DIFFERENTIABLE
+from kvq_jax.cache import init_cache
+from kvq_jax.plan import DenseKV
 
 Array = jax.Array
 _NEG = -1e30
@@ -57,81 +59,86 @@ def qdq_body(x: Array, bits: float, axis: str, group: int, sink: int, block: int
     return jnp.concatenate([x[:, :sink], deq.astype(x.dtype)], axis=1)
 
 
-def mixed_attention(q: Array, k: Array, v: Array, k_hat: Array, v_hat: Array, mask_q: Array) -> Array:
+def mixed_attention(q: Array, k: Array, v: Array, k_hat: Array, v_hat: Array, mask_q: Array,
+                    scale: float | None = None, window: int = 0) -> Array:
     """Causal attention where query t reads `k_hat`/`v_hat` at the keys `mask_q[t]` marks, else k/v.
 
-    q `[B, T, Hq, D]`, k/v/k_hat/v_hat `[B, T, Hkv, D]`, mask_q `[T, T]` → `[B, T, Hq, D]`.
+    q `[B, T, Hq, D]`, k/v/k_hat/v_hat `[B, T, Hkv, D]`, mask_q `[T, T]` → `[B, T, Hq, D]`. Scores are
+    scaled by `scale` (default D ** -0.5); `window` > 0 limits query t to keys (t - window, t].
     """
     b, t, hq, d = q.shape
     hkv = k.shape[2]
-    qh = (q / math.sqrt(d)).reshape(b, t, hkv, hq // hkv, d)
+    qh = (q * (d ** -0.5 if scale is None else scale)).reshape(b, t, hkv, hq // hkv, d)
     s_fp = jnp.einsum("bqhrd,bkhd->bhrqk", qh, k)
     s_q = jnp.einsum("bqhrd,bkhd->bhrqk", qh, k_hat)
     s = jnp.where(mask_q, s_q, s_fp)
-    causal = jnp.tril(jnp.ones((t, t), bool))
+    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+    causal = jnp.asarray((j <= i) & ((i - j < window) if window else True))
     p = jax.nn.softmax(jnp.where(causal, s, _NEG), axis=-1)
     out = (jnp.einsum("bhrqk,bkhd->bqhrd", jnp.where(mask_q, p, 0.0), v_hat)
            + jnp.einsum("bhrqk,bkhd->bqhrd", jnp.where(mask_q, 0.0, p), v))
     return out.reshape(b, t, hq, d)
 
 
-def _block(blk, x: Array, pos: Array, probe: Array) -> tuple[Array, tuple[Array, Array, Array]]:
-    """One decoder block with `probe` added to its attention output; also returns q, k, v."""
-    b, t, _ = x.shape
-    q, k, v = blk.attn.qkv(blk.attn_norm(x), pos)
-    no_quant = jnp.zeros((t, t), bool)
-    out = mixed_attention(q, k, v, k, v, no_quant) + probe
-    x = x + blk.attn.wo(out.reshape(b, t, -1))
-    return x + blk.mlp(blk.mlp_norm(x)), (q, k, v)
+_NLL_BLOCK = 256  # positions whose logits [B, block, V] exist at once (Gemma's vocabulary is 262k)
 
 
-def nll(graphdef, stacked, embed: Array, head: Array, norm_w: Array, eps: float, tokens: Array,
-        probes: Array) -> tuple[Array, tuple[Array, Array, Array]]:
-    """Summed NLL of tokens 1.. of every window `[B, T]` with `probes [L, B, T, Hq, D]` added to the
-    attention outputs, and each layer's q, k, v (`[L, B, T, H, D]`). Same math as `Transformer`."""
+def nll(graphdef, state, tokens: Array, probes: tuple[Array, ...]) -> tuple[Array, tuple[Array, Array, Array]]:
+    """Summed NLL of tokens 1.. of every window `[B, T]`, through the model's own forward pass (a
+    full-precision cache), with `probes [B, T, Hq, D]` per layer added to the attention outputs; and
+    each layer's q, k, v stacked `[L, B, T, H, D]`."""
+    model = nnx.merge(graphdef, state)
     b, t = tokens.shape
-    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    cache = init_cache(model.cfg, DenseKV("float32"), b, t)
+    h, _, taps = model.forward(tokens, cache, attention_impl=DIFFERENTIABLE, probes=probes)
+    n = -(-(t - 1) // _NLL_BLOCK)
+    pad = n * _NLL_BLOCK - (t - 1)
+    hb = jnp.pad(h[:, :-1], ((0, 0), (0, pad), (0, 0))).reshape(b, n, _NLL_BLOCK, -1).transpose(1, 0, 2, 3)
+    tb = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad))).reshape(b, n, _NLL_BLOCK).transpose(1, 0, 2)
+    vb = (jnp.arange(n * _NLL_BLOCK) < t - 1).reshape(n, 1, _NLL_BLOCK)
 
-    def body(x, inp):
-        st, probe = inp
-        return _block(nnx.merge(graphdef, st), x, pos, probe)
+    @jax.checkpoint  # recomputed in the backward pass: no [B, T, V] log-softmax is kept for it
+    def block(a):
+        x, tok, valid = a
+        lp = jax.nn.log_softmax(model.logits(x), axis=-1)
+        return -jnp.sum(jnp.where(valid, jnp.take_along_axis(lp, tok[..., None], axis=-1)[..., 0], 0.0))
 
-    x, qkv = jax.lax.scan(body, jnp.take(embed, tokens, axis=0), (stacked, probes))
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps) * norm_w
-    lp = jax.nn.log_softmax(xf[:, :-1] @ head.T.astype(jnp.float32), axis=-1)
-    return -jnp.sum(jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)), qkv
+    value = jnp.sum(jax.lax.map(block, (hb, tb, vb)))
+    stack = lambda name: jnp.stack([getattr(tp, name) for tp in taps])
+    return value, (stack("q"), stack("k"), stack("v"))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def fisher_pass(graphdef, stacked, embed: Array, head: Array, norm_w: Array, eps: float,
-                tokens: Array) -> tuple[Array, Array, tuple[Array, Array, Array]]:
+def fisher_pass(graphdef, state, tokens: Array) -> tuple[Array, Array, tuple[Array, Array, Array]]:
     """`nll` at zero probes, its gradient w.r.t. every layer's attention output `[L, B, T, Hq, D]`,
-    and each layer's q, k, v. `stacked`: the blocks' states stacked on a leading layer axis."""
+    and each layer's q, k, v."""
     b, t = tokens.shape
-    n_layers = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-    cfg = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], stacked)).attn.cfg
-    probes = jnp.zeros((n_layers, b, t, cfg.n_heads, cfg.head_dim), embed.dtype)
-    f = lambda p: nll(graphdef, stacked, embed, head, norm_w, eps, tokens, p)
+    cfg = nnx.merge(graphdef, state).cfg
+    probes = tuple(jnp.zeros((b, t, cfg.n_heads, cfg.head_dim), jnp.float32) for _ in range(cfg.n_layers))
+    f = lambda p: nll(graphdef, state, tokens, p)
     (value, qkv), grads = jax.value_and_grad(f, has_aux=True)(probes)
-    return value, grads, qkv
+    return value, jnp.stack(grads), qkv
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "key_axis", "value_axis", "group_k", "group_v",
-                                             "sink", "residual", "block", "scale_dtype"))
+                                             "sink", "residual", "block", "scale_dtype", "scale", "window"))
 def layer_fisher_errors(q: Array, k: Array, v: Array, grad: Array, *, bits: tuple[float, ...],
                         key_axis: str, value_axis: str, group_k: int, group_v: int, sink: int,
-                        residual: int, block: int, scale_dtype: str) -> tuple[Array, Array]:
-    """`[nb]` Fisher-weighted errors of one layer's keys and of its values, summed over the batch."""
+                        residual: int, block: int, scale_dtype: str, scale: float | None = None,
+                        window: int = 0) -> tuple[Array, Array]:
+    """`[nb]` Fisher-weighted errors of one layer's keys and of its values, summed over the batch.
+
+    A sliding-window layer (`window` > 0) has no sink in the cache: pass `sink=0`."""
     q, k, v, grad = (a.astype(jnp.float32) for a in (q, k, v, grad))
     mask = jnp.asarray(protocol_mask(q.shape[1], sink, residual, block))
-    ref = mixed_attention(q, k, v, k, v, jnp.zeros_like(mask))
+    attend = lambda kh, vh, m: mixed_attention(q, k, v, kh, vh, m, scale, window)
+    ref = attend(k, v, jnp.zeros_like(mask))
     fisher = grad * grad
     sd = jnp.dtype(scale_dtype)
     ke, ve = [], []
     for b in bits:
         k_hat = qdq_body(k, b, key_axis, group_k, sink, block, sd)
         v_hat = qdq_body(v, b, value_axis, group_v, sink, block, sd)
-        ke.append(0.5 * jnp.sum(fisher * (mixed_attention(q, k, v, k_hat, v, mask) - ref) ** 2))
-        ve.append(0.5 * jnp.sum(fisher * (mixed_attention(q, k, v, k, v_hat, mask) - ref) ** 2))
+        ke.append(0.5 * jnp.sum(fisher * (attend(k_hat, v, mask) - ref) ** 2))
+        ve.append(0.5 * jnp.sum(fisher * (attend(k, v_hat, mask) - ref) ** 2))
     return jnp.stack(ke), jnp.stack(ve)

@@ -7,7 +7,7 @@ module state, so the model can be split (`nnx.split`) and merged inside a jitted
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,17 @@ class Linear(nnx.Module):
         return y + self.b.get_value() if self.b is not None else y
 
 
+class Taps(NamedTuple):
+    """What one layer's attention saw and produced, for the analysis: q `[B, T, Hq, D]`, k before and
+    after RoPE and v `[B, T, Hkv, D]`, the attention output before W_o `[B, T, Hq, D]`."""
+
+    q: Array
+    k_pre: Array
+    k: Array
+    v: Array
+    out: Array
+
+
 class Attention(nnx.Module):
     """Q/K/V projections, RoPE (and per-head QK-norm where the architecture has it), the cache."""
 
@@ -59,8 +70,8 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(hd, cfg.norm_eps, dtype) if qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps, dtype) if qk_norm else None
 
-    def qkv(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
-        """x `[B, T, dim]` → q `[B, T, Hq, D]`, k, v `[B, T, Hkv, D]` with RoPE applied."""
+    def project(self, x: Array) -> tuple[Array, Array, Array]:
+        """x `[B, T, dim]` → q `[B, T, Hq, D]`, k, v `[B, T, Hkv, D]` before RoPE (after QK-norm)."""
         c = self.cfg
         b, t, _ = x.shape
         q = self.wq(x).reshape(b, t, c.n_heads, c.head_dim)
@@ -68,14 +79,22 @@ class Attention(nnx.Module):
         v = self.wv(x).reshape(b, t, c.n_kv_heads, c.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def qkv(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+        """x `[B, T, dim]` → q `[B, T, Hq, D]`, k, v `[B, T, Hkv, D]` with RoPE applied."""
+        q, k, v = self.project(x)
         return rope(q, positions, self.theta, self.scaling), rope(k, positions, self.theta, self.scaling), v
 
-    def __call__(self, x, layer_cache, lengths, n_new, impl):
+    def __call__(self, x, layer_cache, lengths, n_new, impl, probe=None):
         b, t, _ = x.shape
         positions = lengths[:, None] + jnp.arange(t)[None, :]
-        q, k, v = self.qkv(x, positions)
+        q, k_pre, v = self.project(x)
+        q, k = rope(q, positions, self.theta, self.scaling), rope(k_pre, positions, self.theta, self.scaling)
         out, layer_cache = attention(q, k, v, layer_cache, lengths, n_new, impl, self.cfg.scale)
-        return self.wo(out.reshape(b, t, -1)), layer_cache
+        if probe is not None:  # the analysis differentiates the loss by the attention output here
+            out = out + probe.astype(out.dtype)
+        return self.wo(out.reshape(b, t, -1)), layer_cache, Taps(q, k_pre, k, v, out)
 
     def params(self, prefix: str) -> dict[str, nnx.Param]:
         p = {prefix + n: getattr(self, n).w for n in ("wq", "wk", "wv", "wo")}
@@ -113,10 +132,10 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
         self.mlp = MLP(cfg, dtype, rngs)
 
-    def __call__(self, x, layer_cache, lengths, n_new, impl):
-        h, layer_cache = self.attn(self.attn_norm(x), layer_cache, lengths, n_new, impl)
+    def __call__(self, x, layer_cache, lengths, n_new, impl, probe=None):
+        h, layer_cache, taps = self.attn(self.attn_norm(x), layer_cache, lengths, n_new, impl, probe)
         x = x + h
-        return x + self.mlp(self.mlp_norm(x)), layer_cache
+        return x + self.mlp(self.mlp_norm(x)), layer_cache, taps
 
     def params(self, prefix: str) -> dict[str, nnx.Param]:
         return {prefix + "attn_norm": self.attn_norm.weight, prefix + "mlp_norm": self.mlp_norm.weight,
@@ -133,10 +152,10 @@ class Gemma3Block(nnx.Module):
         self.attn = Attention(cfg, layer, dtype, rngs, qk_norm=True)
         self.mlp = MLP(cfg, dtype, rngs, gelu=True)
 
-    def __call__(self, x, layer_cache, lengths, n_new, impl):
-        h, layer_cache = self.attn(self.attn_norm(x), layer_cache, lengths, n_new, impl)
+    def __call__(self, x, layer_cache, lengths, n_new, impl, probe=None):
+        h, layer_cache, taps = self.attn(self.attn_norm(x), layer_cache, lengths, n_new, impl, probe)
         x = x + self.post_attn_norm(h)
-        return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x))), layer_cache
+        return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x))), layer_cache, taps
 
     def params(self, prefix: str) -> dict[str, nnx.Param]:
         norms = ("attn_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm")
@@ -181,6 +200,14 @@ class Transformer(nnx.Module):
     def hidden(self, tokens: Array, cache: KVCache, n_new: Array | None = None,
                attention_impl: str = "xla") -> tuple[Array, KVCache]:
         """The decoder up to the final norm: `[B, T, dim]` and the updated cache (see `__call__`)."""
+        x, cache, _ = self.forward(tokens, cache, n_new, attention_impl)
+        return x, cache
+
+    def forward(self, tokens: Array, cache: KVCache, n_new: Array | None = None, attention_impl: str = "xla",
+                probes: Sequence[Array] | None = None) -> tuple[Array, KVCache, tuple[Taps, ...]]:
+        """The one forward pass: `hidden`, plus each layer's `Taps`; `probes [B, T, Hq, D]` per layer are
+        added to the attention outputs (zeros, so the loss can be differentiated by them). Under jit,
+        taps nobody reads cost nothing."""
         b, t = tokens.shape
         if n_new is None:
             n_new = jnp.full((b,), t, jnp.int32)
@@ -188,11 +215,14 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed.get_value(), tokens, axis=0)
         if self.embed_scale is not None:
             x = x * jnp.asarray(self.embed_scale, x.dtype)
-        new_layers = []
-        for blk, layer_cache in zip(self.layers, cache.layers):
-            x, layer_cache = blk(x, layer_cache, cache.lengths, n_new, attention_impl)
+        new_layers, taps = [], []
+        for i, (blk, layer_cache) in enumerate(zip(self.layers, cache.layers)):
+            x, layer_cache, tap = blk(x, layer_cache, cache.lengths, n_new, attention_impl,
+                                      None if probes is None else probes[i])
             new_layers.append(layer_cache)
-        return self.final_norm(x), cache.replace(layers=tuple(new_layers), lengths=cache.lengths + n_new)
+            taps.append(tap)
+        cache = cache.replace(layers=tuple(new_layers), lengths=cache.lengths + n_new)
+        return self.final_norm(x), cache, tuple(taps)
 
     def logits(self, x: Array) -> Array:
         """LM head: final-norm output `[..., dim]` → float32 logits `[..., V]`."""

@@ -255,3 +255,29 @@ def test_plan_fields_and_json_round_trip(tmp_path):
     plan.save(path)
     assert KVPlan.load(path) == plan
     assert allocate(STATS, 3.0, model_name="other").model == "other"
+
+
+# ------------------------------------------------------------------------------------ memory budget
+@pytest.mark.parametrize("method", ["fisher", "sensitivity", "norm"])
+def test_memory_budget_weighs_layers_by_the_tokens_they_hold(method):
+    """With `layer_tokens` the budget is the mean over the elements the cache holds: equal tokens is
+    the element budget; short (local) layers are cheap, so they get at least the bits they got."""
+    from kvq_jax.allocate import layer_tokens_at
+    from kvq_jax.config import tiny_config
+
+    stats = _with(STATS, k_fisher_err=STATS.k_attn_err, v_fisher_err=STATS.v_attn_err)
+    plain = allocate_detailed(stats, 3.0, method=method)
+    same = allocate_detailed(stats, 3.0, method=method, layer_tokens=[7] * 6)
+    assert (same.plan.keys, same.plan.values) == (plain.plan.keys, plain.plan.values)
+    cfg = tiny_config("gemma3", n_layers=6, sliding_window=512, local_layers=(0, 1, 2, 3, 4))
+    tokens = layer_tokens_at(cfg, 8192)
+    assert tokens == (512,) * 5 + (8192,) and layer_tokens_at(cfg, 100) == (100,) * 6
+    mem = allocate_detailed(stats, 3.0, method=method, layer_tokens=tokens)
+    bits = (mem.k_bits + mem.v_bits) / 2
+    held = float((bits * np.asarray(tokens)).sum() / np.sum(tokens))
+    assert held <= 3.0 + 1e-12 and mem.plan_spent == pytest.approx(held)
+    assert mem.plan_element_bits == pytest.approx(float(bits.mean()))
+    assert all(mem.k_bits[:5] >= plain.k_bits[:5]) and all(mem.v_bits[:5] >= plain.v_bits[:5])
+    assert "memory budget" in mem.plan.note
+    with pytest.raises(KvqError, match="layer_tokens must be 6 positive integers"):
+        allocate_detailed(stats, 3.0, method=method, layer_tokens=[1, 2])

@@ -3,7 +3,7 @@ file, the allocation of a plan from them, and the report.
 
 The reference activations are recomputed here with numpy from the model's weights (RMSNorm, the
 K/V/Q projections, rotate-half RoPE, causal GQA attention); the residual stream between layers comes
-from the model's own `Block.__call__` (prefill into a dense cache), not from `analysis._block_capture`.
+from the model's own `Block.__call__` (prefill into a dense cache), not from `analysis.capture`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 
 from kvq_jax import quant
 from kvq_jax.allocate import allocate, allocate_detailed
-from kvq_jax.analysis import _block_capture, analyze
+from kvq_jax.analysis import _attend, analyze, capture
 from kvq_jax.cache import init_cache
 from kvq_jax.errors import KvqError
 from kvq_jax.plan import KVPlan, parse_kv
@@ -134,19 +134,19 @@ def ref(tiny_model, windows) -> list[dict[str, np.ndarray]]:
 
 
 # ------------------------------------------------------------------------------------ capture
-def test_block_capture_matches_reference(tiny_model, windows, ref):
-    """`_block_capture` returns the block output and q/k/v that the numpy reference computes."""
+def test_capture_is_the_models_forward(tiny_model, windows, ref):
+    """`capture` (the model's own forward) returns the q/k/v the numpy reference computes, and the
+    analysis' attention reproduces the model's attention output layer by layer."""
     from flax import nnx
 
-    x = jnp.take(tiny_model.embed.get_value(), jnp.asarray(windows), axis=0)
-    pos = jnp.broadcast_to(jnp.arange(T), windows.shape)
-    graphdef, _ = nnx.split(tiny_model.layers[0])
-    for i, blk in enumerate(tiny_model.layers):
-        np.testing.assert_allclose(np.asarray(x), ref[i]["x"], rtol=1e-4, atol=1e-5)
-        x, q, k_pre, k, v = _block_capture(graphdef, nnx.split(blk)[1], x, pos)
-        for name, got in (("q", q), ("k_pre", k_pre), ("k", k), ("v", v)):
-            np.testing.assert_allclose(np.asarray(got), ref[i][name], rtol=1e-4, atol=1e-4,
+    graphdef, state = nnx.split(tiny_model)
+    taps = capture(graphdef, state, jnp.asarray(windows))
+    assert len(taps) == tiny_model.cfg.n_layers
+    for i, tap in enumerate(taps):
+        for name in ("q", "k_pre", "k", "v"):
+            np.testing.assert_allclose(np.asarray(getattr(tap, name)), ref[i][name], rtol=1e-4, atol=1e-4,
                                        err_msg=f"layer {i} {name}")
+        np.testing.assert_allclose(np.asarray(_attend(tap.q, tap.k, tap.v)), np.asarray(tap.out), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ norms

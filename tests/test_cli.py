@@ -341,6 +341,12 @@ def test_analyze_writes_a_plan_that_eval_accepts(capsys, files, tmp_path):
     assert rc == 0, err
     assert _json(out)["method"] == "norm"
     assert "method=norm" in json.loads(plan_path.read_text())["note"]
+    # a memory budget at a target context (the tiny llama's layers are all global: the same plan)
+    rc, out, err = cli(capsys, *analyze, "--force", "--method", "norm", "--budget", "4", "--target-context", "4096")
+    assert rc == 0, err
+    mem = _json(out)
+    assert mem["target_context"] == 4096 and mem["element_bits"] <= 4 and mem["spent"] <= 4
+    assert "memory budget" in json.loads(plan_path.read_text())["note"]
     # windows no longer than sink + residual cannot measure Fisher errors: a clear error, no plan
     short = tmp_path / "short.json"
     rc, out, err = cli(capsys, "analyze", "--model", files["model"], "--calib", files["text"], "--context", "64",

@@ -69,17 +69,10 @@ def test_mixed_attention_limits():
     np.testing.assert_allclose(fisher.mixed_attention(q, k, v, kh, vh, every), _attend(q, kh, vh), atol=1e-5)
 
 
-def _parts(model):
-    gd, _ = nnx.split(model.layers[0])
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.split(b)[1] for b in model.layers])
-    head = model.embed.get_value()
-    return gd, stacked, model.embed.get_value(), head, model.final_norm.weight.get_value()
-
-
 def test_fisher_pass_is_the_model_and_its_gradient(model, windows):
-    gd, stacked, emb, head, nw = _parts(model)
+    gd, state = nnx.split(model)
     toks = jnp.asarray(windows[:2, :64])
-    value, grads, (q, k, v) = fisher.fisher_pass(gd, stacked, emb, head, nw, CFG.norm_eps, toks)
+    value, grads, (q, k, v) = fisher.fisher_pass(gd, state, toks)
     # the same NLL as the model's own forward
     logits, _ = model(toks, init_cache(CFG, KVPlan.uniform(CFG.n_layers, 16, 16), 2, 64))
     lp = jax.nn.log_softmax(logits[:, :-1], -1)
@@ -89,7 +82,7 @@ def test_fisher_pass_is_the_model_and_its_gradient(model, windows):
     # directional finite difference of the NLL along a random probe direction
     u = jnp.asarray(np.random.default_rng(4).standard_normal(grads.shape), jnp.float32)
     eps = 1e-2
-    f = lambda p: float(fisher.nll(gd, stacked, emb, head, nw, CFG.norm_eps, toks, p)[0])
+    f = lambda p: float(fisher.nll(gd, state, toks, tuple(p))[0])
     fd = (f(eps * u) - f(-eps * u)) / (2 * eps)
     assert fd == pytest.approx(float(jnp.sum(grads * u)), rel=2e-2)
 

@@ -172,3 +172,25 @@ def test_quantized_local_model_decodes_past_the_window(plan):
         assert np.isfinite(got).all() and int(cache.lengths[0]) == 120
         tol = 0.02 if plan.keys[0].bits == 8 else 0.5
         assert np.abs(got - full).max() <= tol * np.abs(full).max()
+
+
+def test_analysis_observes_the_gemma_forward(gemma):
+    """The analysis captures through the model's own forward: on the tiny Gemma (QK-norm, local
+    layers) its attention, with the layer's scale and window, is the model's attention output; the
+    stats and a Fisher plan come out finite and valid."""
+    from kvq_jax.allocate import allocate_detailed
+    from kvq_jax.analysis import _attend, analyze, capture
+
+    toks = np.asarray(jax.random.randint(jax.random.key(7), (2, 64), 0, CFG.vocab_size), np.int32)
+    gd, st = nnx.split(gemma)
+    for i, tap in enumerate(capture(gd, st, jnp.asarray(toks))):
+        got = _attend(tap.q, tap.k, tap.v, CFG.scale, CFG.window(i))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(tap.out), atol=1e-5, err_msg=f"layer {i}")
+        if CFG.window(i):  # the window matters: full causal attention differs
+            assert np.abs(np.asarray(_attend(tap.q, tap.k, tap.v, CFG.scale)) - np.asarray(tap.out)).max() > 1e-3
+    stats = analyze(gemma, toks, bits=(2, 4, 8), group_k=32, group_v=32, residual=32, sink=4, progress=False)
+    for e in (stats.k_fisher_err, stats.v_fisher_err, stats.k_attn_err, stats.v_attn_err):
+        assert np.isfinite(e).all() and (e >= 0).all()
+    plan = allocate_detailed(stats, 3.0, method="fisher", group_k=32, group_v=32, residual=32, sink=4).plan
+    plan.validate(CFG)
+    assert plan.mean_data_bits() <= 3.0 + 1e-12
