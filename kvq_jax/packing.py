@@ -109,20 +109,10 @@ def unpack(words: jax.Array, bits: float, dtype: Any = jnp.uint8) -> jax.Array:
     return digits.astype(dtype)
 
 
-def add_block(
-    words: jax.Array,
-    codes: jax.Array,
-    start: jax.Array | int,
-    bits: float,
-    enabled: jax.Array | bool = True,
-) -> jax.Array:
-    """Adds G consecutive tokens `codes [..., G, D]` at token `start` into `words [..., W, D]`.
-
-    The digits at tokens `start .. start+G-1` must still be zero. `start` (int32 scalar) need not be
-    word-aligned; if `enabled` (bool scalar) is False the words come back unchanged. O(G) work: one
-    scatter-add into the ceil((G+P-1)/P) words the block can span; words past the storage are dropped
-    (so a block may run past the end if its codes there are zero). jit/vmap-able.
-    """
+def _block_geometry(words: jax.Array, codes: jax.Array, start: jax.Array | int, bits: float):
+    """Validates a block write and returns `(words, codes, start, P, nw, w0, lead, D)`, or None for an
+    empty block: nw = the words a G-token block can touch at any digit offset, w0 = its first word.
+    Words past the storage are dropped by the callers' scatters: a block that fits never reaches them."""
     words = jnp.asarray(words)
     codes = jnp.asarray(codes)
     _check_codes(words, "words")
@@ -137,15 +127,33 @@ def add_block(
     if isinstance(start, (int, np.integer)) and not isinstance(start, bool) and start < 0:
         raise KvqError(f"block start must be >= 0, got {start}")
     p = digits_per_word(bits)
-    *lead, w, d = words.shape
+    *lead, _, d = words.shape
     g = codes.shape[-2]
     if g == 0:
-        return words
-    # Words a G-token block can touch at any digit offset. Words past the storage are dropped by the
-    # scatter: a block that fits never reaches them, and the codes of tokens past the storage must be 0.
+        return None
     nw = -(-(g + p - 1) // p)
     start = jnp.asarray(start, jnp.int32)
-    w0 = start // p
+    return words, codes, start, p, nw, start // p, lead, d
+
+
+def add_block(
+    words: jax.Array,
+    codes: jax.Array,
+    start: jax.Array | int,
+    bits: float,
+    enabled: jax.Array | bool = True,
+) -> jax.Array:
+    """Adds G consecutive tokens `codes [..., G, D]` at token `start` into `words [..., W, D]`.
+
+    The digits at tokens `start .. start+G-1` must still be zero. `start` (int32 scalar) need not be
+    word-aligned; if `enabled` (bool scalar) is False the words come back unchanged. O(G) work: one
+    scatter-add into the ceil((G+P-1)/P) words the block can span; words past the storage are dropped
+    (so a block may run past the end if its codes there are zero). jit/vmap-able.
+    """
+    checked = _block_geometry(words, codes, start, bits)
+    if checked is None:
+        return jnp.asarray(words)
+    words, codes, start, p, nw, w0, lead, d = checked
     zeros = (0,) * len(lead)
     local = jnp.zeros((*lead, nw * p, d), codes.dtype)
     local = lax.dynamic_update_slice(local, codes, (*zeros, start - w0 * p, 0))
@@ -166,17 +174,11 @@ def put_block(
     Like `add_block`, but the old digits there may be anything: the words the block spans are
     unpacked, the block's digits replaced and the words repacked. Words past the storage are dropped.
     """
-    words = jnp.asarray(words)
-    codes = jnp.asarray(codes)
-    _check_codes(codes, "codes")
-    p = digits_per_word(bits)
-    *lead, w, d = words.shape
-    g = codes.shape[-2]
-    if g == 0:
-        return words
-    nw = -(-(g + p - 1) // p)
-    start = jnp.asarray(start, jnp.int32)
-    w0 = start // p
+    checked = _block_geometry(words, codes, start, bits)
+    if checked is None:
+        return jnp.asarray(words)
+    words, codes, start, p, nw, w0, lead, d = checked
+    w = words.shape[-2]
     span = w0 + jnp.arange(nw)
     old = jnp.take(words, jnp.minimum(span, w - 1), axis=-2)
     local = unpack(old, bits, dtype=codes.dtype)  # [..., nw * P, D]
