@@ -52,6 +52,8 @@ def rope_frequencies(d: int, theta: float, scaling: RopeScaling | None = None) -
         pass
     elif scaling.kind == "linear":
         inv = inv / scaling.factor
+    elif scaling.kind == "factors":  # GGUF rope_freqs: llama.cpp divides each frequency by its factor
+        inv = inv / np.asarray(scaling.freq_factors, np.float64)
     else:  # llama3: long wavelengths divided by the factor, short kept, a smooth band between
         lo, hi, f = scaling.low_freq_factor, scaling.high_freq_factor, scaling.factor
         wavelen = 2 * np.pi / inv

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -19,19 +20,28 @@ GEMMA3_PATTERN = 6  # every 6th layer is global (5, 11, 17 of 18)
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling: `linear` (positions / factor) or `llama3` (Llama 3.1's smooth band
-    between `low_freq_factor` and `high_freq_factor` wavelengths of `original_max_position`)."""
+    """RoPE frequency scaling: `linear` (positions / factor), `llama3` (Llama 3.1's smooth band
+    between `low_freq_factor` and `high_freq_factor` wavelengths of `original_max_position`), or
+    `factors`: one divisor per frequency (`freq_factors [D/2]`, GGUF's `rope_freqs` tensor, which is
+    how llama.cpp's converter stores Llama 3.1+ scaling)."""
 
     kind: str
-    factor: float
+    factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+    freq_factors: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in ("linear", "llama3"):
-            raise KvqError(f"unsupported RoPE scaling {self.kind!r} (supported: linear, llama3)")
-        if not self.factor > 0 or (self.kind == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor):
+        if self.kind not in ("linear", "llama3", "factors"):
+            raise KvqError(f"unsupported RoPE scaling {self.kind!r} (supported: linear, llama3, factors)")
+        object.__setattr__(self, "freq_factors", tuple(float(x) for x in self.freq_factors))
+        bad = not self.factor > 0 or (self.kind == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor)
+        if self.kind == "factors":
+            bad = bad or not self.freq_factors or not all(math.isfinite(x) and x > 0 for x in self.freq_factors)
+        elif self.freq_factors:
+            bad = True
+        if bad:
             raise KvqError(f"bad RoPE scaling parameters: {self}")
 
     @classmethod
@@ -133,7 +143,11 @@ class ModelConfig:
             )
         object.__setattr__(self, "local_layers", tuple(sorted(int(i) for i in self.local_layers)))
         if isinstance(self.rope_scaling, Mapping):
-            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
+        if self.rope_scaling is not None and self.rope_scaling.kind == "factors" \
+                and len(self.rope_scaling.freq_factors) != self.head_dim // 2:
+            raise KvqError(f"RoPE freq_factors has {len(self.rope_scaling.freq_factors)} entries, "
+                           f"head_dim {self.head_dim} needs {self.head_dim // 2}")
         if self.local_layers and not (self.sliding_window >= 1 and 0 <= self.local_layers[0]
                                       and self.local_layers[-1] < self.n_layers):
             raise KvqError(f"local_layers {list(self.local_layers)} need a sliding_window >= 1 and "
@@ -169,6 +183,8 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["eos_ids"] = list(self.eos_ids)
         d["local_layers"] = list(self.local_layers)
+        if self.rope_scaling is not None:
+            d["rope_scaling"]["freq_factors"] = list(self.rope_scaling.freq_factors)
         return d
 
     @classmethod

@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
-from kvq_jax.config import ModelConfig
+from kvq_jax.config import ModelConfig, RopeScaling
 from kvq_jax.errors import KvqError
 from kvq_jax.tokenizer import Tokenizer
 
@@ -244,6 +244,18 @@ def load_gguf_params(
     return params
 
 
+def _with_rope_freqs(cfg: ModelConfig, t: Any) -> ModelConfig:
+    """Llama 3.1+ GGUF files store their RoPE scaling as per-frequency divisors (`rope_freqs`, what
+    llama.cpp's converter computes from HF's `llama3` parameters); ignoring them is silently wrong."""
+    if cfg.rope_scaling is not None:
+        raise KvqError(f"this GGUF file has both rope_freqs and {cfg.arch}.rope.scaling.* "
+                       f"({cfg.rope_scaling.kind}); combining them is not supported")
+    f = _dequant(t).reshape(-1)
+    if f.shape[0] != cfg.head_dim // 2:
+        raise KvqError(f"GGUF rope_freqs has {f.shape[0]} entries, head_dim {cfg.head_dim} needs {cfg.head_dim // 2}")
+    return cfg.replace(rope_scaling=RopeScaling("factors", freq_factors=tuple(float(x) for x in f)))
+
+
 def read_gguf(
     path: str | os.PathLike, dtype: Any = np.float32
 ) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
@@ -251,13 +263,12 @@ def read_gguf(
     reader = open_gguf(path)
     meta = gguf_metadata(reader)
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:  # Llama 3.1+ frequency factors: ignoring them is silently wrong
-        raise KvqError("this GGUF file carries rope_freqs (Llama 3.1 RoPE scaling), which is not supported "
-                       "from GGUF yet; load the HF directory instead")
     cfg = ModelConfig.from_gguf_metadata(
         meta, has_output_weight="output.weight" in names,
         name=str(meta.get("general.name") or Path(path).stem),
     )
+    if "rope_freqs.weight" in names:
+        cfg = _with_rope_freqs(cfg, next(t for t in reader.tensors if t.name == "rope_freqs.weight"))
     tok = Tokenizer.from_gguf_metadata(meta)
     # The embedding decides the logits width (some files pad it beyond the token list).
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)

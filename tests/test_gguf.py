@@ -406,3 +406,78 @@ def test_real_smollm2() -> None:
     assert len(params) == 2 + 9 * 30
     assert all(np.isfinite(v).all() for v in params.values())
     assert 2 in cfg.eos_ids and tok.eos_ids == cfg.eos_ids
+
+
+def _llama3_file(tmp_path: Path, cfg: ModelConfig, params: dict[str, np.ndarray], factors: np.ndarray,
+                 **meta: float | str) -> Path:
+    path = tmp_path / "llama31.gguf"
+    tensors = {**gguf_tensors(cfg, params), "rope_freqs.weight": factors.astype(np.float32)}
+    write_gguf(path, cfg, tensors, tiny_tokenizer_meta())
+    if meta:  # rewrite with the extra keys (GGUFWriter takes them before the tensors)
+        w = gguf.GGUFWriter(tmp_path / "with_meta.gguf", cfg.arch)
+        r = open_gguf(path)
+        for f in r.fields.values():
+            if f.name.startswith("GGUF.") or f.name == "general.architecture":
+                continue
+            w.add_key_value(f.name, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
+        for k, v in meta.items():
+            (w.add_string if isinstance(v, str) else w.add_float32)(k, v)
+        for t in r.tensors:
+            w.add_tensor(t.name, np.asarray(t.data))
+        w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+        path = tmp_path / "with_meta.gguf"
+    return path
+
+
+def test_llama31_rope_freqs_equal_hf_llama3_scaling(tmp_path: Path) -> None:
+    """A GGUF `rope_freqs` tensor (llama.cpp's form of Llama 3.1 scaling) gives the logits of HF's
+    `rope_scaling: llama3` with the same parameters, and differs from unscaled RoPE."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from kvq_jax.attention import rope_frequencies
+    from kvq_jax.cache import init_cache
+    from kvq_jax.config import RopeScaling
+    from kvq_jax.model import Transformer, load_params
+    from kvq_jax.plan import DenseKV
+
+    cfg = tiny_cfg(head_dim=32, max_seq_len=256)
+    hf = ModelConfig.from_hf_config({
+        "model_type": "llama", "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.hidden_dim, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    })
+    llama3 = hf.rope_scaling
+    assert llama3 == RopeScaling("llama3", 8.0, 1.0, 4.0, 64)
+    base = rope_frequencies(cfg.head_dim, cfg.rope_theta)
+    scaled = rope_frequencies(cfg.head_dim, cfg.rope_theta, llama3)
+    factors = base.astype(np.float64) / scaled  # what llama.cpp's converter writes
+    assert factors.min() == 1.0 and factors.max() == 8.0 and ((factors > 1) & (factors < 8)).any()
+    params = random_params(cfg, seed=5)
+    got_cfg, got_params, _ = read_gguf(_llama3_file(tmp_path, cfg, params, factors))
+    assert got_cfg.rope_scaling.kind == "factors" and len(got_cfg.rope_scaling.freq_factors) == 16
+    assert ModelConfig.from_dict(got_cfg.to_dict()) == got_cfg  # survives the checkpoint's JSON
+    np.testing.assert_allclose(rope_frequencies(32, cfg.rope_theta, got_cfg.rope_scaling), scaled, rtol=1e-6)
+
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, 200)), jnp.int32)
+
+    def logits(c: ModelConfig) -> np.ndarray:
+        m = Transformer(c, rngs=nnx.Rngs(0))
+        load_params(m, got_params)
+        out, _ = m(tokens, init_cache(c, DenseKV("float32"), 1, 256, jnp.float32))
+        return np.asarray(out)
+
+    from_file = logits(got_cfg)
+    np.testing.assert_allclose(from_file, logits(cfg.replace(rope_scaling=llama3)), atol=1e-4, rtol=1e-4)
+    assert np.abs(from_file - logits(cfg)).max() > 1e-2  # the scaling matters at these positions
+
+    with pytest.raises(KvqError, match="rope_freqs has 8 entries"):
+        read_gguf(_llama3_file(tmp_path, cfg, params, factors[:8]))
+    with pytest.raises(KvqError, match="both rope_freqs"):
+        read_gguf(_llama3_file(tmp_path, cfg, params, factors, **{"llama.rope.scaling.type": "linear",
+                                                                  "llama.rope.scaling.factor": 2.0}))
+    with pytest.raises(KvqError, match="bad RoPE scaling"):
+        RopeScaling("factors", freq_factors=(1.0, 0.0))
