@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 
-from kvq_jax.allocate import allocate_detailed
+from kvq_jax.allocate import allocate_detailed, layer_tokens_at
 from kvq_jax.analysis import analyze
 from kvq_jax.evaluate import evaluate, text_windows
 from kvq_jax.loading import load
@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["uniform", "norm", "sensitivity", "fisher"])
     ap.add_argument("--model", default="smollm2-135m", help="a model name or a GGUF file")
     ap.add_argument("--prefill", type=int, default=64)
+    ap.add_argument("--target-context", type=int, default=None,
+                    help="also run each rule under a memory budget: bits per element the cache holds at this context")
     args = ap.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     text = open(args.text, encoding="utf-8").read()
@@ -56,6 +58,10 @@ def main() -> None:
                 alloc = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name)
                 alloc.plan.save(os.path.join(args.out_dir, f"{'' if slug == 'smollm2' else slug + '_'}plan_{method}_{budget:g}.json"))
                 runs = [(method, alloc.plan, float(alloc.spent))]
+                if args.target_context:  # the same average over the elements the cache really holds
+                    mem = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name,
+                                            layer_tokens=layer_tokens_at(model.cfg, args.target_context))
+                    runs.append((f"{method} memory@{args.target_context}", mem.plan, float(mem.spent)))
             for label, kv, spent in runs:
                 r = evaluate(model, tok, held_out, context=args.context, windows=args.windows, kv=kv,
                              prefill=args.prefill, progress=False)

@@ -279,20 +279,39 @@ def packed_pallas(q: Array, layer: QuantLayer, n_valid: Array, interpret: bool) 
 _KERNEL_ROWS = 16  # query rows per KV head the kernel takes (one Triton tile); prefill chunks use XLA
 
 
-def read_quantized(q: Array, layer: QuantLayer, lengths: Array, impl: str) -> tuple[Array, Array]:
+def _slice_start(seq: str | None, size: int) -> Array | int:
+    """First token of this device's slice of a store split along `seq` in slices of `size` (0 if not)."""
+    return 0 if seq is None else jax.lax.axis_index(seq) * size
+
+
+def _across(part: tuple[Array, Array], seq: str | None) -> list[tuple[Array, Array]]:
+    """A partial attention `(out, lse)` of this device's slice, with those of the other `seq` devices:
+    only these small results cross devices, never the cache; `merge` combines them exactly."""
+    if seq is None:
+        return [part]
+    o, lse = jax.lax.all_gather(part[0], seq), jax.lax.all_gather(part[1], seq)
+    return [(o[i], lse[i]) for i in range(o.shape[0])]
+
+
+def read_quantized(q: Array, layer: QuantLayer, lengths: Array, impl: str,
+                   seq: str | None = None) -> tuple[Array, Array]:
     """Attention over what a quantized layer holds for rows of `lengths[b]` positions.
 
     q `[B, Hkv, R, D]` pre-scaled (R query rows per KV head: the GQA heads of one or more tokens).
-    The sink, the packed body and the recent ring are attended separately and LSE-merged.
+    The sink, the packed body and the recent ring are attended separately and LSE-merged. Inside
+    `shard_map` with the body split along mesh axis `seq`, `layer` holds this device's body slice
+    (`body_capacity` tokens from body token `axis_index * body_capacity`) and the slices' partial
+    results are merged across devices.
     """
     s, r = layer.sink, layer.residual
     parts = [_segment(q, layer.sink_k, layer.sink_v, jnp.arange(s)[None, :] < lengths[:, None])] if s else []
     n_quant = kvcache.quantized_count(layer, lengths)
+    n_body = jnp.clip(n_quant - _slice_start(seq, layer.body_capacity), 0, layer.body_capacity)
     dense_body = layer.k.spec.dense or layer.v.spec.dense
     if impl in ("xla", DIFFERENTIABLE) or dense_body or q.shape[2] > _KERNEL_ROWS:
-        parts.append(packed_xla(q, layer, n_quant, impl == DIFFERENTIABLE))
+        parts += _across(packed_xla(q, layer, n_body, impl == DIFFERENTIABLE), seq)
     else:
-        parts.append(packed_pallas(q, layer, n_quant, interpret=impl == "pallas_interpret"))
+        parts += _across(packed_pallas(q, layer, n_body, interpret=impl == "pallas_interpret"), seq)
     if r:
         m = jnp.maximum(lengths - s, 0)
         i = jnp.arange(r)[None, :]
@@ -363,7 +382,39 @@ def attention(q: Array, k: Array, v: Array, layer: LayerCache, lengths: Array, n
     D ** -0.5). A sliding-window layer (`layer.window` W) lets each token see its last W positions.
     Softmax and its accumulators are float32 whatever the compute dtype. Returns the output
     `[B, T, Hq, D]` (rows past `n_new[b]` are padding) and the layer cache holding the new tokens too.
+
+    A layer laid out on a mesh (`layer.placement`) runs inside `shard_map`: rows over `data`, KV heads
+    over `model`, and a global layer's tokens over `seq` (context parallelism: each device attends over
+    its own slice and writes the flushes that land in it).
     """
+    p = layer.placement
+    if p is None:
+        return _attend(q, k, v, layer, lengths, n_new, impl, scale, None)
+    from kvq_jax.sharding import layer_specs
+
+    seq = p.axis("cache_tokens") if layer.shards > 1 else None
+    heads = p.spec(("batch", None, "kv_heads", "head_dim"))
+    rows = p.spec(("batch",))
+    specs = layer_specs(layer)
+    local_cap = layer.body_capacity // layer.shards if isinstance(layer, QuantLayer) else None
+
+    def local(q, k, v, lay, lengths, n_new):
+        view = lay.replace(placement=None)
+        if local_cap is not None:
+            view = view.replace(body_capacity=local_cap)
+        out, new = _attend(q, k, v, view, lengths, n_new, impl, scale, seq)
+        new = new.replace(placement=p)
+        return out, (new.replace(body_capacity=layer.body_capacity) if local_cap is not None else new)
+
+    fn = jax.shard_map(local, mesh=p.mesh, in_specs=(heads, heads, heads, specs, rows, rows),
+                       out_specs=(heads, specs), check_vma=False)
+    return fn(q, k, v, layer, lengths, n_new)
+
+
+def _attend(q: Array, k: Array, v: Array, layer: LayerCache, lengths: Array, n_new: Array,
+            impl: str, scale: float | None, seq: str | None) -> tuple[Array, LayerCache]:
+    """`attention` on one device's arrays; `seq` names the mesh axis a global layer's tokens are split
+    along (this device holds slice `axis_index(seq)`), None when they are not."""
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     rep = hq // hkv
@@ -395,19 +446,21 @@ def attention(q: Array, k: Array, v: Array, layer: LayerCache, lengths: Array, n
     elif isinstance(layer, DenseLayer):
         # A dense layer stores what it is given, so the new tokens are written first and every query
         # reads the buffer causally (up to its own position); written before it is read, the buffer is
-        # updated in place (the reverse order made XLA copy it).
-        layer = kvcache.write(layer, kh, vh, lengths, n_new)
-        upto = lambda tok: lengths[:, None] + jnp.minimum(tok[None, :] + 1, n_new[:, None])  # [B, rows]
+        # updated in place (the reverse order made XLA copy it). Split along `seq`, this device
+        # holds positions [start, start + C) and writes and reads only those.
+        start = _slice_start(seq, layer.k.shape[2])
+        layer = kvcache.write(layer, kh, vh, lengths - start, n_new)
+        upto = lambda tok: jnp.maximum(lengths[:, None] + jnp.minimum(tok[None, :] + 1, n_new[:, None]) - start, 0)
         static = impl == DIFFERENTIABLE
-        out = _by_query_blocks(qh, rep, t, lambda qb, tok: dense_read(qb, layer, upto(tok), static)[0])
+        out = _by_query_blocks(qh, rep, t, lambda qb, tok: merge(_across(dense_read(qb, layer, upto(tok), static), seq))[0])
     else:
         kc, vc = (kh, vh) if rot is None else (kh @ rot, vh @ rot)
         # The body is flushed first (it only changes past what is read: the old Q(n) packed tokens),
         # then the old sink and ring are read, then overwritten.
-        flushed = kvcache.flush(layer, kc, vc, lengths, n_new)
+        flushed = kvcache.flush(layer, kc, vc, lengths, n_new, _slice_start(seq, layer.body_capacity))
 
         def block(qb: Array, q_tok: Array) -> Array:
-            o, lse = read_quantized(qb if rot is None else qb @ rot, flushed, lengths, impl)
+            o, lse = read_quantized(qb if rot is None else qb @ rot, flushed, lengths, impl, seq)
             cached = (o if rot is None else o @ rot, lse)
             return merge([cached, causal_new(qb, kh, vh, q_tok, n_new)])[0]
 

@@ -17,6 +17,7 @@ from kvq_jax.errors import KvqError
 from kvq_jax.evaluate import bf16_bytes, kv_name
 from kvq_jax.model import Transformer
 from kvq_jax.plan import DenseKV, KVPlan
+from kvq_jax.sharding import bytes_per_device
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "impl"), donate_argnames=("cache",))
@@ -36,10 +37,11 @@ def _decode(graphdef, state, tok, cache, *, steps: int, impl: str):
 def bench(model: Transformer, *, batch: int = 1, context: int = 512, new_tokens: int = 64,
           kv: KVPlan | DenseKV = DenseKV("float32"), attention_impl: str = "auto", seed: int = 0,
           tokens: np.ndarray | None = None, repeats: int = 3,
-          prefill_chunk: int | None = None) -> dict[str, Any]:
+          prefill_chunk: int | None = None, mesh: Any = None, rules: Any = None) -> dict[str, Any]:
     """Times prefill of `[batch, context]` tokens (random unless given; one shot or in calls of
     `prefill_chunk` tokens, timed after a warm-up run) and `new_tokens` decode steps (the median of
-    `repeats` timed runs after a warm-up)."""
+    `repeats` timed runs after a warm-up). `mesh`: on several devices (see `generate`); the result
+    then also gives the cache bytes per device."""
     from kvq_jax.decode import check_prefill_chunk, prefill
 
     cfg = model.cfg
@@ -54,9 +56,12 @@ def bench(model: Transformer, *, batch: int = 1, context: int = 512, new_tokens:
     chunk = check_prefill_chunk(prefill_chunk)
     if tokens is None:
         tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, context), dtype=np.int32)
-    toks = jnp.asarray(tokens)
+    if mesh is not None:
+        from kvq_jax.sharding import prepare
+
+        prepare(model, mesh, batch, rules)
     graphdef, state = nnx.split(model)
-    empty = lambda: init_cache(cfg, kv, batch, capacity, model.embed.get_value().dtype)
+    empty = lambda: init_cache(cfg, kv, batch, capacity, model.embed.get_value().dtype, mesh=mesh, rules=rules)
     rows = [list(r) for r in np.asarray(tokens)]
     jax.block_until_ready(prefill(model, rows, empty(), chunk=chunk, attention_impl=impl))  # compiles
     cache = empty()
@@ -76,7 +81,9 @@ def bench(model: Transformer, *, batch: int = 1, context: int = 512, new_tokens:
         _, end = jax.block_until_ready(dec(state, tok, run))
         times.append(time.perf_counter() - t0)
     t_decode = float(np.median(times))
+    per_device = bytes_per_device(end)
     return {
+        **({} if mesh is None else {"mesh": dict(mesh.shape), "kv_cache_bytes_per_device": max(per_device.values())}),
         "model": cfg.name, "kv": kv_name(kv), "attention": impl, "backend": jax.default_backend(),
         "batch": batch, "context": context, "new_tokens": new_tokens, "decode_repeats": repeats,
         "prefill_chunk": chunk,

@@ -9,7 +9,7 @@ See docs/architecture.md for the layout of a quantized layer.
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Any, Union
 
 import flax.struct
 import jax
@@ -29,12 +29,15 @@ class DenseLayer:
     """Unquantized layer: `k, v [B, H, C, D]`, position p of row b at `[b, :, p]`.
 
     A sliding-window layer (`window` W > 0) holds the last W positions only: C = min(W, capacity)
-    slots, position p in slot `p % C` (see `ring_position`).
+    slots, position p in slot `p % C` (see `ring_position`). On a mesh (`placement`), a global
+    layer's slots are split in `shards` equal slices along the `seq` axis (C rounded up to divide).
     """
 
     k: Array
     v: Array
     window: int = flax.struct.field(pytree_node=False, default=0)
+    shards: int = flax.struct.field(pytree_node=False, default=1)
+    placement: Any = flax.struct.field(pytree_node=False, default=None)
 
 
 @flax.struct.dataclass
@@ -57,7 +60,10 @@ class QuantLayer:
 
     A sliding-window layer (`window` W > 0) has no sink, and its body is itself a ring of
     `body_capacity` >= W tokens (body token j in slot `j % body_capacity`), so its size never
-    depends on the context.
+    depends on the context. On a mesh (`placement`) with `shards` S > 1 (global layers only), the body
+    is S self-contained bodies of `body_capacity / S` tokens laid end to end (words, scales and zeros
+    each with their own spare rows), body token j in slice `j // (body_capacity / S)`, one per `seq`
+    device.
     """
 
     sink_k: Array
@@ -73,6 +79,8 @@ class QuantLayer:
     body_capacity: int = flax.struct.field(pytree_node=False)
     rotate: str = flax.struct.field(pytree_node=False)
     window: int = flax.struct.field(pytree_node=False, default=0)
+    shards: int = flax.struct.field(pytree_node=False, default=1)
+    placement: Any = flax.struct.field(pytree_node=False, default=None)
 
 
 LayerCache = Union[DenseLayer, QuantLayer]
@@ -118,39 +126,59 @@ def loop_chunk_target(rows: int) -> int:
 
 
 def _packed_tensor(spec: QuantSpec, b: int, h: int, nb: int, d: int, block: int,
-                   dtype: jnp.dtype, scale_dtype: jnp.dtype) -> PackedTensor:
+                   dtype: jnp.dtype, scale_dtype: jnp.dtype, shards: int = 1) -> PackedTensor:
+    """An empty body of `shards` slices of `nb` tokens each, end to end along the token axis."""
     if spec.dense:
         empty = jnp.zeros((b, h, 0, 1), scale_dtype)
-        return PackedTensor(jnp.zeros((b, h, nb, d), dtype), empty, empty, spec)
-    words = jnp.zeros((b, h, packing.num_words(nb, spec.bits, spare=True), d), jnp.uint32)
+        return PackedTensor(jnp.zeros((b, h, shards * nb, d), dtype), empty, empty, spec)
+    words = jnp.zeros((b, h, shards * packing.num_words(nb, spec.bits, spare=True), d), jnp.uint32)
     if spec.axis == "channel":
-        shape = (b, h, nb // spec.group + 1, d)
+        shape = (b, h, shards * (nb // spec.group + 1), d)
     else:
-        shape = (b, h, nb + block, d // spec.group)
+        shape = (b, h, shards * (nb + block), d // spec.group)
     return PackedTensor(words, jnp.zeros(shape, scale_dtype), jnp.zeros(shape, scale_dtype), spec)
 
 
 def init_cache(cfg: ModelConfig, kv: KVPlan | DenseKV, batch: int, capacity: int,
-               dtype: jnp.dtype = jnp.float32, chunk: int | None = None) -> KVCache:
+               dtype: jnp.dtype = jnp.float32, chunk: int | None = None, mesh: Any = None,
+               rules: Any = None) -> KVCache:
     """An empty cache for `batch` rows of `capacity` positions.
 
     `dtype` is the full-precision dtype (sink, recent window, dense layers of a plan); a `DenseKV`
     uses its own dtype. `chunk` sets the tokens per step of the XLA packed-body loop (rounded up to
     the layer's packing unit, never more than the body can hold packed; default `loop_chunk_target`).
+    `mesh` (`kvq_jax.make_mesh`) lays the cache out over devices as `rules` (`ShardingRules`) say:
+    rows over `data`, KV heads over `model`, global layers' tokens over `seq`.
     """
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise KvqError(f"chunk must be a positive number of tokens, got {chunk!r}")
     if batch < 1 or capacity < 1:
         raise KvqError(f"cache needs batch >= 1 and capacity >= 1, got batch={batch}, capacity={capacity}")
+    if mesh is None:
+        return _empty_cache(cfg, kv, batch, capacity, dtype, chunk, None)
+    from kvq_jax import sharding
+
+    p = sharding.placement(mesh, cfg, batch, rules)
+    shape = jax.eval_shape(lambda: _empty_cache(cfg, kv, batch, capacity, dtype, chunk, p))
+    # Built where it lives: each device allocates its own slice (the whole cache never sits on one).
+    return jax.jit(lambda: _empty_cache(cfg, kv, batch, capacity, dtype, chunk, p),
+                   out_shardings=sharding.cache_shardings(shape))()
+
+
+def _empty_cache(cfg: ModelConfig, kv: KVPlan | DenseKV, batch: int, capacity: int, dtype: jnp.dtype,
+                 chunk: int | None, p: Any) -> KVCache:
     h, d = cfg.n_kv_heads, cfg.head_dim
+    seq = 1 if p is None else p.seq
 
     def dense(dt: jnp.dtype, window: int) -> DenseLayer:
-        slots = min(window, capacity) if window else capacity
-        return DenseLayer(jnp.zeros((batch, h, slots, d), dt), jnp.zeros((batch, h, slots, d), dt), window)
+        shards = 1 if window else seq
+        slots = min(window, capacity) if window else shards * -(-capacity // shards)
+        return DenseLayer(jnp.zeros((batch, h, slots, d), dt), jnp.zeros((batch, h, slots, d), dt), window,
+                          shards, p)
 
     if isinstance(kv, DenseKV):
         layers = tuple(dense(jnp.dtype(kv.dtype), cfg.window(i)) for i in range(cfg.n_layers))
-        return KVCache(layers, jnp.zeros((batch,), jnp.int32), capacity)
+        return KVCache(tuple(layers), jnp.zeros((batch,), jnp.int32), capacity)
     kv.validate(cfg)
     scale_dtype = jnp.dtype(kv.scale_dtype)
     layers = []
@@ -161,11 +189,18 @@ def init_cache(cfg: ModelConfig, kv: KVPlan | DenseKV, batch: int, capacity: int
             layers.append(dense(dtype, window))
             continue
         block = kv.block(i)
+        shards = 1 if window else seq
         # A local layer attends to its window only: no sink, and a body ring just longer than the
         # window (a block more, so the oldest visible block is never the one being overwritten).
         sink = 0 if window else kv.sink
-        base = chunk_tokens(ks, vs, block, window + block) if window else chunk_tokens(ks, vs, block)
-        nb = base if window else max(base, -(-max(0, capacity - sink) // base) * base)
+        body = max(0, capacity - sink)
+        if window:
+            nb = chunk_tokens(ks, vs, block, window + block)
+        elif shards > 1:  # each seq slice: a whole number of packing units
+            nb = chunk_tokens(ks, vs, block, max(1, -(-body // shards)))
+        else:
+            base = chunk_tokens(ks, vs, block)
+            nb = max(base, -(-body // base) * base)
         # Never longer than the most tokens the body will hold packed (short contexts read less).
         most = chunk_tokens(ks, vs, block, max(1, capacity - sink - kv.residual))
         nb = min(nb, most) if window else nb
@@ -175,10 +210,10 @@ def init_cache(cfg: ModelConfig, kv: KVPlan | DenseKV, batch: int, capacity: int
             sink_v=jnp.zeros((batch, h, sink, d), dtype),
             recent_k=jnp.zeros((batch, h, kv.residual, d), dtype),
             recent_v=jnp.zeros((batch, h, kv.residual, d), dtype),
-            k=_packed_tensor(ks, batch, h, nb, d, block, dtype, scale_dtype),
-            v=_packed_tensor(vs, batch, h, nb, d, block, dtype, scale_dtype),
-            sink=sink, residual=kv.residual, block=block, chunk=loop, body_capacity=nb,
-            rotate=kv.rotate, window=window,
+            k=_packed_tensor(ks, batch, h, nb, d, block, dtype, scale_dtype, shards),
+            v=_packed_tensor(vs, batch, h, nb, d, block, dtype, scale_dtype, shards),
+            sink=sink, residual=kv.residual, block=block, chunk=loop, body_capacity=shards * nb,
+            rotate=kv.rotate, window=window, shards=shards, placement=p,
         ))
     return KVCache(tuple(layers), jnp.zeros((batch,), jnp.int32), capacity)
 
@@ -297,12 +332,15 @@ def _positions(k: Array, lengths: Array, n_new: Array) -> tuple[Array, Array]:
     return lengths[:, None] + tok, tok < n_new[:, None]
 
 
-def flush(layer: QuantLayer, k: Array, v: Array, lengths: Array, n_new: Array) -> QuantLayer:
+def flush(layer: QuantLayer, k: Array, v: Array, lengths: Array, n_new: Array,
+          body_start: Array | int = 0) -> QuantLayer:
     """The packed-body half of `write`: quantizes every body block the ring overflows into.
 
     Body blocks `[Q(n), Q(n + n_new))` are taken, in order, from the ring (old tokens) and from the new
     tokens k, v `[B, H, T, D]`. Only body digits and scale rows at or past Q(n) change, so a reader of
     the first Q(n) body tokens sees them as before (attention reads the old cache through this).
+    `body_start`: the layer holds body tokens `[body_start, body_start + body_capacity)` only (one
+    device's slice of a body split along the mesh's `seq` axis); blocks outside it are not stored.
     """
     s, r, g = layer.sink, layer.residual, layer.block
     t = k.shape[2]
@@ -323,10 +361,14 @@ def flush(layer: QuantLayer, k: Array, v: Array, lengths: Array, n_new: Array) -
 
     def run(lay: QuantLayer) -> QuantLayer:
         f = g * -(-t // g)  # Q1 - Q0 <= G * ceil(T / G)
-        j = q0[:, None] + jnp.arange(f)[None, :]
+        # Both Q(n) and a slice's start are whole blocks, so the blocks of [Q0, Q1) that land in the
+        # slice start at `first` and are quantized from exactly their own tokens, as unsplit.
+        first = jnp.maximum(q0, body_start)
+        j = first[:, None] + jnp.arange(f)[None, :]
         kx, vx = tokens(lay, j)
-        live = j < q1[:, None]
-        return lay.replace(k=_store_body(lay.k, kx, q0, live), v=_store_body(lay.v, vx, q0, live))
+        live = (j < q1[:, None]) & (j < body_start + lay.body_capacity)
+        at = first - body_start
+        return lay.replace(k=_store_body(lay.k, kx, at, live), v=_store_body(lay.v, vx, at, live))
 
     def run_ring(lay: QuantLayer) -> QuantLayer:
         # A local layer's body is a ring: only its newest body_capacity tokens survive the call, one

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,7 @@ from kvq_jax.errors import KvqError
 from kvq_jax.model import Transformer
 from kvq_jax.plan import DenseKV, KVPlan
 from kvq_jax.sampling import SamplerConfig, sample
+from kvq_jax.sharding import to_host
 
 Array = jax.Array
 StreamFn = Callable[[np.ndarray, np.ndarray], None]  # (step tokens [B], still-running mask [B])
@@ -102,7 +103,9 @@ def _decode_loop(graphdef, state, logits: Array, cache: KVCache, key: Array, *, 
         is_eos = jnp.any(tok[:, None] == eos[None, :], axis=-1)
         emit = running & ~is_eos
         if stream is not None:
-            jax.debug.callback(stream, tok, emit, ordered=True)
+            # Ordered effects are single-device only; on a mesh the loop's steps run one after the
+            # other anyway, and each step's callback fires within its step.
+            jax.debug.callback(stream, tok, emit, ordered=cache.layers[0].placement is None)
         return tok, emit, key
 
     out = jnp.full((b, max_new), -1, jnp.int32)
@@ -135,8 +138,10 @@ def _check_cache(model: Transformer, kv: KVPlan | DenseKV | None, cache: KVCache
         raise KvqError(f"the cache has {cache.batch} rows, got {n_rows} prompts")
     if kv is None:
         return
+    p = cache.layers[0].placement
     want = jax.eval_shape(lambda: init_cache(model.cfg, kv, cache.batch, cache.capacity,
-                                             model.embed.get_value().dtype))
+                                             model.embed.get_value().dtype, mesh=p and p.mesh,
+                                             rules=p and p.rules))
     shapes = lambda c: [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(c)]
     if jax.tree_util.tree_structure(want) != jax.tree_util.tree_structure(cache) or shapes(want) != shapes(cache):
         raise KvqError("the cache was built for another kv plan than the one given (pass kv=None to "
@@ -147,7 +152,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
              kv: KVPlan | DenseKV | None = None, sampler: SamplerConfig = SamplerConfig(),
              seed: int = 0, attention_impl: str = "auto", stream: StreamFn | None = None,
              capacity: int | None = None, cache: KVCache | None = None,
-             prefill_chunk: int | None = None) -> GenerationResult:
+             prefill_chunk: int | None = None, mesh: Any = None, rules: Any = None) -> GenerationResult:
     """Generates up to `max_new_tokens` for each prompt (a batch of token-id lists, ragged).
 
     With `cache` (e.g. a previous `GenerationResult.cache`), each row's prompt is appended to that
@@ -156,6 +161,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     `prefill_chunk`: 0 feeds the prompts in one call, N > 0 in calls of N tokens.
     `stream(tokens [B], emitted [B])` is called from inside the compiled loop at every step; the loop
     is compiled per stream callable, so pass the same one to reuse it.
+    `mesh` (`kvq_jax.make_mesh`; `rules`: `ShardingRules`) runs on several devices: the parameters
+    are laid out on it (in place) and the new cache is built sharded; a continued cache keeps its own
+    layout.
     """
     cfg = model.cfg
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -173,6 +181,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
             capacity = min(round_up(need, 256), max(need, cfg.max_seq_len))
     else:
         _check_cache(model, kv, cache, len(prompts))
+        have = cache.layers[0].placement
+        if mesh is not None and (have is None or have.mesh != mesh):
+            raise KvqError("the cache given was laid out for another mesh than mesh= (continue it without mesh=)")
         if capacity is not None and capacity != cache.capacity:
             raise KvqError(f"capacity {capacity} given, but the cache holds {cache.capacity} positions")
         capacity = cache.capacity
@@ -180,9 +191,13 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     if need > cfg.max_seq_len:
         raise KvqError(f"cached + prompt + max_new_tokens = {need} tokens exceeds the model's context of "
                        f"{cfg.max_seq_len} tokens")
+    if mesh is not None:
+        from kvq_jax.sharding import prepare
+
+        prepare(model, mesh, len(prompts), rules)
     if cache is None:
         cache = init_cache(cfg, DenseKV("float32") if kv is None else kv, len(prompts), capacity,
-                           model.embed.get_value().dtype)
+                           model.embed.get_value().dtype, mesh=mesh, rules=rules)
     logits, cache = prefill(model, prompts, cache, chunk=prefill_chunk, attention_impl=attention_impl)
     from kvq_jax.attention import resolve_impl
 
@@ -190,7 +205,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     out, cache = _decode_loop(
         graphdef, state, logits, cache, jax.random.key(seed), max_new=max_new_tokens, sampler=sampler,
         eos_ids=tuple(cfg.eos_ids), impl=resolve_impl(attention_impl), stream=stream)
-    out = np.asarray(out)
+    out = to_host(out)
     tokens, at_eos = [], []
     for row in out:
         stop = np.nonzero(row < 0)[0]

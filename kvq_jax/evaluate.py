@@ -25,6 +25,7 @@ from kvq_jax.cache import init_cache
 from kvq_jax.errors import KvqError
 from kvq_jax.model import Transformer
 from kvq_jax.plan import DenseKV, KVPlan
+from kvq_jax.sharding import to_host
 from kvq_jax.tokenizer import Tokenizer
 
 Array = jax.Array
@@ -131,7 +132,7 @@ def _teacher_forced(graphdef, state, tokens: Array, cache, ref_cache, *, prefill
         rlg, ref_cache = model(x, ref_cache, last_only=True)
         s = _token_stats(_logprobs(lg), _logprobs(rlg), target)
         if progress is not None:
-            jax.debug.callback(progress, t, ordered=True)
+            jax.debug.callback(progress, t)  # a counter: order does not matter (and ordered effects are single-device)
         return (cache, ref_cache, acc + jnp.stack([jnp.sum(v) for v in s])), None
 
     steps = jnp.arange(prefill, tokens.shape[1] - 1)
@@ -154,8 +155,11 @@ def bf16_bytes(model: Transformer, batch: int, tokens: int) -> int:
 def evaluate(model: Transformer, tok: Tokenizer, text: str, *, context: int = 512, windows: int = 6,
              kv: KVPlan | DenseKV = DenseKV("float32"), prefill: int = 64, attention_impl: str = "auto",
              progress: bool = True, model_name: str | None = None,
-             prefill_chunk: int | None = None) -> dict[str, Any]:
+             prefill_chunk: int | None = None, mesh: Any = None, rules: Any = None) -> dict[str, Any]:
     """Scores the text; returns the JSON-ready result dict.
+
+    `mesh` (`kvq_jax.make_mesh`) spreads the windows (rows), heads and cache tokens over devices as
+    `rules` say; the parameters are laid out on it in place.
 
     `prefill_chunk` feeds the `prefill` tokens in calls of that many tokens (0: one call; None: the
     library default): one shot attends to them at full precision, chunks to the quantized earlier
@@ -180,11 +184,17 @@ def evaluate(model: Transformer, tok: Tokenizer, text: str, *, context: int = 51
         "tokens_scored": scored, "attention": impl, "bos": tok.uses_bos,
     }
     dtype = model.embed.get_value().dtype
+    if mesh is not None:
+        from kvq_jax.sharding import prepare
+
+        prepare(model, mesh, n_win, rules)
+        graphdef, state = nnx.split(model)
+        result["mesh"] = dict(mesh.shape)
     if isinstance(kv, DenseKV) and kv.dtype == "float32":
-        cache = init_cache(cfg, kv, n_win, context, dtype)
+        cache = init_cache(cfg, kv, n_win, context, dtype, mesh=mesh, rules=rules)
         fn = _full_forward_nll.lower(graphdef, state, tokens, cache).compile()
         t0 = time.perf_counter()
-        nll = float(fn(state, tokens, cache))
+        nll = float(to_host(fn(state, tokens, cache)))
         dt = time.perf_counter() - t0
         ppl = math.exp(nll / scored)
         result.update(ppl=ppl, ppl_fp=ppl, kl_vs_fp=0.0, top1_agreement=1.0,
@@ -194,8 +204,8 @@ def evaluate(model: Transformer, tok: Tokenizer, text: str, *, context: int = 51
         return result
     if not 1 <= prefill < context:
         raise KvqError(f"--prefill must be in [1, {context - 1}], got {prefill}")
-    cache = init_cache(cfg, kv, n_win, context, dtype)
-    ref = init_cache(cfg, DenseKV("float32"), n_win, context, dtype)
+    cache = init_cache(cfg, kv, n_win, context, dtype, mesh=mesh, rules=rules)
+    ref = init_cache(cfg, DenseKV("float32"), n_win, context, dtype, mesh=mesh, rules=rules)
     n_steps = context - 1 - prefill
     bar = tqdm(total=n_steps, desc=f"eval {kv_name(kv)}", file=sys.stderr, disable=not progress,
                unit="tok", leave=False)
@@ -204,7 +214,8 @@ def evaluate(model: Transformer, tok: Tokenizer, text: str, *, context: int = 51
                                impl=impl, progress=cb).compile()
     t0 = time.perf_counter()
     sums, pre_kl, cache = fn(state, tokens, cache, ref)
-    sums = np.asarray(jax.block_until_ready(sums))
+    sums = to_host(jax.block_until_ready(sums))
+    pre_kl = to_host(pre_kl)
     dt = time.perf_counter() - t0
     bar.close()
     nll, nll_ref, kl, top1 = (float(x) for x in sums)

@@ -232,14 +232,21 @@ class Transformer(nnx.Module):
         return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
-def load_params(model: Transformer, params: Mapping[str, np.ndarray]) -> None:
-    """Copies a canonical parameter dict (see gguf_loader) into the model, checking every shape."""
-    dtype = model.embed.get_value().dtype
+def param_table(model: Transformer) -> dict[str, nnx.Param]:
+    """Every parameter of the model by its canonical name (`embed`, `layers.3.wq`, ...): the names the
+    loaders map files onto and the sharding rules name axes for."""
     targets: dict[str, nnx.Param] = {"embed": model.embed, "final_norm": model.final_norm.weight}
     if model.lm_head is not None:
         targets["lm_head"] = model.lm_head
     for i, blk in enumerate(model.layers):
         targets.update(blk.params(f"layers.{i}."))
+    return targets
+
+
+def load_params(model: Transformer, params: Mapping[str, np.ndarray]) -> None:
+    """Copies a canonical parameter dict (see gguf_loader) into the model, checking every shape."""
+    dtype = model.embed.get_value().dtype
+    targets = param_table(model)
     for key, target in targets.items():
         if key not in params:
             raise KvqError(f"weights lack tensor {key!r}")
