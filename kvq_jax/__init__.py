@@ -17,10 +17,11 @@ from kvq_jax.loading import load
 from kvq_jax.model import Transformer
 from kvq_jax.plan import DenseKV, KVPlan, QuantSpec, parse_kv
 from kvq_jax.sampling import SamplerConfig
+from kvq_jax.sharding import ShardingRules, make_mesh
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ChatSession", "DenseKV", "GenerationResult", "KVCache", "KVPlan", "KvqError", "ModelConfig", "QuantSpec",
-    "SamplerConfig", "Transformer", "generate", "init_cache", "load", "parse_kv",
+    "SamplerConfig", "ShardingRules", "Transformer", "generate", "init_cache", "load", "make_mesh", "parse_kv",
 ]

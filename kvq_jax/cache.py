@@ -229,8 +229,10 @@ def check_room(lengths: np.ndarray | Array, n_new: np.ndarray | Array, capacity:
     """
     if isinstance(lengths, jax.core.Tracer) or isinstance(n_new, jax.core.Tracer):
         return
-    lengths = np.asarray(lengths, np.int64)
-    n_new = np.broadcast_to(np.asarray(n_new, np.int64), lengths.shape)
+    from kvq_jax.sharding import to_host
+
+    lengths = to_host(lengths).astype(np.int64)
+    n_new = np.broadcast_to(to_host(n_new).astype(np.int64), lengths.shape)
     need = lengths + n_new + extra
     if need.max(initial=0) > capacity:
         row = int(np.argmax(need))

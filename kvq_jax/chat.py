@@ -67,7 +67,7 @@ class ChatSession:
     def __init__(self, model: Transformer, tok: Tokenizer, *, kv: KVPlan | DenseKV = DenseKV("float32"),
                  capacity: int | None = None, system: str | None = None, max_new_tokens: int = 256,
                  sampler: SamplerConfig = SamplerConfig(), seed: int = 0, attention_impl: str = "auto",
-                 prefill_chunk: int = 64) -> None:
+                 prefill_chunk: int = 64, mesh: Any = None) -> None:
         cfg = model.cfg
         capacity = cfg.max_seq_len if capacity is None else capacity
         if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= cfg.max_seq_len:
@@ -79,6 +79,11 @@ class ChatSession:
         self.sampler, self.seed, self.attention_impl = sampler, seed, attention_impl
         self.prefill_chunk = check_prefill_chunk(prefill_chunk)
         self._relay = _Relay()
+        self.mesh = mesh  # one row: its heads over `model`, its long cache over `seq`
+        if mesh is not None:
+            from kvq_jax.sharding import prepare
+
+            prepare(model, mesh, 1)
         self.reset()
 
     def reset(self) -> None:
@@ -89,7 +94,7 @@ class ChatSession:
         self._text = ""  # the text those tokens spell
         self.turns = 0
         self.cache: KVCache = init_cache(self.model.cfg, self.kv, 1, self.capacity,
-                                         self.model.embed.get_value().dtype)
+                                         self.model.embed.get_value().dtype, mesh=self.mesh)
 
     @property
     def tokens_left(self) -> int:

@@ -66,6 +66,12 @@ def _common(p: argparse.ArgumentParser, kv: bool = True) -> None:
         p.add_argument("--sink", type=int, help="first tokens kept in full precision (default 4)")
         p.add_argument("--rotate", choices=("none", "hadamard"))
         p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas", "pallas_interpret"))
+        p.add_argument("--mesh", help="devices as data=D,model=M,seq=S (default: all devices on data when "
+                                      "the batch divides over them, else one device)")
+        p.add_argument("--coordinator", help="multi-host: coordinator host:port, with --num-processes and "
+                                             "--process-id (`auto` on TPU pods and SLURM)")
+        p.add_argument("--num-processes", type=_positive_int)
+        p.add_argument("--process-id", type=_nonneg_int)
 
 
 def _prefill_chunk(p: argparse.ArgumentParser, default: int | None, what: str) -> None:
@@ -208,6 +214,17 @@ def _write(s: str) -> None:
     sys.stdout.flush()
 
 
+def _mesh(args: argparse.Namespace, batch: int):
+    """The mesh `--mesh` asks for, checked against the devices; the default when it is not given."""
+    import jax
+
+    from kvq_jax import sharding
+
+    if args.mesh is None:
+        return sharding.default_mesh(batch) if len(jax.devices()) > 1 else None
+    return sharding.make_mesh(**sharding.parse_mesh(args.mesh))
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from kvq_jax.chat import TextStream
     from kvq_jax.decode import generate
@@ -227,7 +244,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stream = None if args.json else TextStream(tok, _write)
     res = generate(model, [ids], max_new_tokens=args.max_new_tokens, kv=kv, sampler=sampler,
                    seed=args.seed, attention_impl=args.attention, stream=stream,
-                   prefill_chunk=args.prefill_chunk)
+                   prefill_chunk=args.prefill_chunk, mesh=_mesh(args, 1))
     reply = tok.decode(res.tokens[0])
     if args.json:
         _print_json({"model": model.cfg.name, "kv": kv_name(kv), "prompt": args.prompt, "reply": reply,
@@ -247,7 +264,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         raise KvqError("this model has no chat template (a base model): use `kvq-jax generate --no-chat`")
     session = ChatSession(model, tok, kv=_kv(args, model.cfg.n_layers), capacity=args.capacity,
                           system=args.system, max_new_tokens=args.max_new_tokens, sampler=_sampler(args),
-                          seed=args.seed, attention_impl=args.attention, prefill_chunk=args.prefill_chunk)
+                          seed=args.seed, attention_impl=args.attention, prefill_chunk=args.prefill_chunk,
+                          mesh=_mesh(args, 1))
     tty = sys.stdin.isatty()
     for number, raw in enumerate(iter(sys.stdin.buffer.readline, b""), start=1):
         try:
@@ -281,7 +299,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     kv = _kv(args, model.cfg.n_layers)
     res = evaluate(model, tok, text, context=args.context, windows=args.windows, kv=kv,
                    prefill=args.prefill, attention_impl=args.attention, progress=not args.no_progress,
-                   prefill_chunk=args.prefill_chunk)
+                   prefill_chunk=args.prefill_chunk, mesh=_mesh(args, args.windows))
     if args.json:
         _print_json(res)
     else:
@@ -305,7 +323,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise KvqError(f"--text has {len(ids)} tokens, the benchmark needs {need}")
         tokens = np.asarray(ids[:need], np.int32).reshape(args.batch, args.context)
     res = bench(model, batch=args.batch, context=args.context, new_tokens=args.new_tokens, kv=kv,
-                attention_impl=args.attention, seed=args.seed, tokens=tokens, prefill_chunk=args.prefill_chunk)
+                attention_impl=args.attention, seed=args.seed, tokens=tokens, prefill_chunk=args.prefill_chunk,
+                mesh=_mesh(args, args.batch))
     if args.json:
         _print_json(res)
     else:
@@ -386,6 +405,15 @@ def _enable_compile_cache() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "coordinator", None) or getattr(args, "num_processes", None) or \
+                getattr(args, "process_id", None) is not None:
+            from kvq_jax.sharding import initialize
+
+            initialize(args.coordinator, args.num_processes, args.process_id)  # before any device use
+            import jax
+
+            if jax.process_index() != 0:  # every host runs the command; process 0 speaks for all
+                sys.stdout = open(os.devnull, "w")
         _enable_compile_cache()
         return {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "bench": cmd_bench,
                 "analyze": cmd_analyze}[args.cmd](args)

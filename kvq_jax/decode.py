@@ -77,7 +77,7 @@ def prefill(model: Transformer, prompts: Sequence[Sequence[int]], cache: KVCache
     for i, p in enumerate(prompts):
         toks[i, : len(p)] = p
     n = np.asarray([len(p) for p in prompts], np.int64)
-    check_room(np.asarray(cache.lengths), n, cache.capacity)
+    check_room(to_host(cache.lengths), n, cache.capacity)
     graphdef, state = nnx.split(model)
     impl = resolve_impl(attention_impl)
     last = jnp.zeros((len(prompts), model.cfg.vocab_size), jnp.float32)
@@ -173,7 +173,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     if not 0 <= seed <= 2**32 - 1:
         raise KvqError(f"--seed must be in [0, {2**32 - 1}], got {seed}")
     prefill_chunk = check_prefill_chunk(prefill_chunk)
-    lengths = np.zeros(len(prompts), np.int64) if cache is None else np.asarray(cache.lengths, np.int64)
+    lengths = np.zeros(len(prompts), np.int64) if cache is None else to_host(cache.lengths).astype(np.int64)
     n = np.asarray([len(p) for p in prompts], np.int64)
     need = int((lengths + n).max()) + max_new_tokens
     if cache is None:

@@ -255,3 +255,29 @@ def cache_shardings(cache: Any) -> Any:
     if p is None:
         return jax.tree_util.tree_map(lambda _: None, cache)
     return jax.tree_util.tree_map(lambda s: NamedSharding(p.mesh, s), cache_specs(cache))
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+    """Joins a multi-process run (`jax.distributed.initialize`): every host runs the same command
+    with its own `process_id`; the devices of all processes form one mesh. Nothing given: a single
+    process (on TPU pods and SLURM, pass `coordinator="auto"` to let JAX read the cluster)."""
+    given = (coordinator, num_processes, process_id)
+    if all(x is None for x in given):
+        return
+    if coordinator == "auto" and num_processes is None and process_id is None:
+        jax.distributed.initialize()
+        return
+    if any(x is None for x in given):
+        raise KvqError("--coordinator, --num-processes and --process-id go together (or --coordinator auto)")
+    if not 0 <= process_id < num_processes:
+        raise KvqError(f"--process-id must be in [0, {num_processes}), got {process_id}")
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise KvqError(f"--coordinator must be host:port, got {coordinator!r}")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def is_leader() -> bool:
+    """Process 0: the one that prints and writes files in a multi-process run."""
+    return jax.process_index() == 0

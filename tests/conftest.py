@@ -11,6 +11,10 @@ import pytest
 
 jax.config.update("jax_platforms", "cpu")
 
+# The 8-device tests run in their own pytest session (tests/test_sharding.py starts it), so this one
+# keeps a single device.
+collect_ignore = [] if os.environ.get("KVQ_MULTIDEVICE") else ["multidevice"]
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():

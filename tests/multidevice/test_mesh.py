@@ -57,12 +57,12 @@ def body_spec(cache) -> tuple:
 @pytest.mark.parametrize("plan", list(PLANS))
 def test_generate_same_tokens_on_every_mesh(plan: str) -> None:
     kv = PLANS[plan]
-    ref = generate(fresh(), prompts(), kv=kv, max_new_tokens=24)
+    ref = generate(fresh(), prompts(), kv=kv, max_new_tokens=12)
     for m in MESHES:
-        got = generate(fresh(), prompts(), kv=kv, max_new_tokens=24, mesh=make_mesh(**m))
+        got = generate(fresh(), prompts(), kv=kv, max_new_tokens=12, mesh=make_mesh(**m))
         assert got.tokens == ref.tokens, (plan, m)
     # A second turn continues the sharded cache: same tokens, and the cache stays sharded.
-    sharded = generate(fresh(), prompts(), kv=kv, max_new_tokens=24, mesh=make_mesh(data=2, seq=4))
+    sharded = generate(fresh(), prompts(), kv=kv, max_new_tokens=12, mesh=make_mesh(data=2, seq=4))
     turn = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14]]
     t1 = generate(fresh(), turn, cache=ref.cache, max_new_tokens=8)
     t2 = generate(fresh(), turn, cache=sharded.cache, max_new_tokens=8)
@@ -74,9 +74,9 @@ def test_gemma3_local_and_global_layers_on_a_mesh() -> None:
     """Sliding-window rings (replicated along seq) and a global layer split along seq."""
     kv = parse_kv("K4V2", 3)
     ps = prompts(1)
-    ref = generate(fresh(GEMMA), ps, kv=kv, max_new_tokens=24)
+    ref = generate(fresh(GEMMA), ps, kv=kv, max_new_tokens=12)
     for m in (dict(data=2, seq=4), dict(seq=8)):
-        got = generate(fresh(GEMMA), ps, kv=kv, max_new_tokens=24, mesh=make_mesh(**m))
+        got = generate(fresh(GEMMA), ps, kv=kv, max_new_tokens=12, mesh=make_mesh(**m))
         assert got.tokens == ref.tokens, m
         assert got.cache.layers[0].shards == 1 and got.cache.layers[2].shards == m["seq"]
 
