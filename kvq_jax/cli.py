@@ -112,13 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
     _prefill_chunk(c, 64, "feed each turn")
     _common(c)
 
-    e = sub.add_parser("eval", help="perplexity (and KL / top-1 vs the fp cache with --kv)")
-    e.add_argument("--text", required=True, help="UTF-8 text file")
+    e = sub.add_parser("eval", help="perplexity (and KL / top-1 vs the fp cache with --kv), or needle retrieval")
+    e.add_argument("--task", default="ppl", choices=("ppl", "needle"),
+                   help="ppl: perplexity over --text windows; needle: passkey retrieval over --lengths x "
+                        "--depths, fp and --kv side by side")
+    e.add_argument("--text", help="UTF-8 text file (ppl: scored; needle: the filler, default built in)")
     e.add_argument("--context", type=_positive_int, default=512)
     e.add_argument("--windows", type=_positive_int, default=6)
     e.add_argument("--prefill", type=_positive_int, default=64,
                    help="tokens of each window prefilled; the rest are fed one at a time")
-    _prefill_chunk(e, None, "feed the --prefill tokens")
+    _prefill_chunk(e, None, "feed the --prefill tokens (needle: the haystack)")
+    e.add_argument("--lengths", default="1024,2048,4096", help="needle: prompt lengths in tokens, comma separated")
+    e.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle: depths in [0, 1], comma separated")
+    e.add_argument("--trials", type=_positive_int, default=2, help="needle: cases per (length, depth)")
+    e.add_argument("--batch", type=_positive_int, default=8, help="needle: cases run together")
+    e.add_argument("--seed", type=_seed, default=0, help="needle: keys and filler offsets")
+    e.add_argument("--heatmap", help="needle: write the accuracy heatmap (PNG) here")
+    e.add_argument("--force", action="store_true", help="replace an existing --heatmap file")
     e.add_argument("--json", action="store_true")
     e.add_argument("--no-progress", action="store_true")
     _common(e)
@@ -291,9 +301,57 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(text: str, kind: type, what: str) -> list:
+    try:
+        out = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise KvqError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not out or any(not math.isfinite(x) for x in out):
+        raise KvqError(f"{what} must be comma-separated numbers, got {text!r}")
+    return out
+
+
+def cmd_needle(args: argparse.Namespace) -> int:
+    from kvq_jax.needle import heatmap, needle
+    from kvq_jax.plan import DenseKV
+
+    lengths = _csv(args.lengths, int, "--lengths")
+    depths = _csv(args.depths, float, "--depths")
+    if any(n < 1 for n in lengths) or any(not 0 <= d <= 1 for d in depths):
+        raise KvqError("--lengths must be positive and --depths in [0, 1]")
+    if args.heatmap and Path(args.heatmap).exists() and not args.force:
+        raise KvqError(f"{args.heatmap} exists; pass --force to replace it")
+    if args.mesh is not None:
+        raise KvqError("--task needle runs on one device (no --mesh yet)")
+    filler = _read_text(args.text) if args.text else None
+    model, tok = _load(args)
+    kv = _kv(args, model.cfg.n_layers)
+    caches = [("fp", DenseKV("float32"))] + ([] if kv == DenseKV("float32") else [(args.kv, kv)])
+    runs = []
+    for label, plan in caches:
+        r = needle(model, tok, lengths=lengths, depths=depths, trials=args.trials, kv=plan, filler_text=filler,
+                   seed=args.seed, batch=args.batch, prefill_chunk=args.prefill_chunk,
+                   attention_impl=args.attention, progress=not args.no_progress)
+        runs.append({"label": label, **r})
+    if args.heatmap:
+        heatmap(runs, args.heatmap)
+    if args.json:
+        _print_json({"task": "needle", "runs": runs})
+    else:
+        for r in runs:
+            print(f"{r['label']:>10}: accuracy {r['accuracy']:.1%} over {len(r['cells']) * r['trials']} cases")
+            for c in r["cells"]:
+                print(f"{'':>12}length {c['length']:>6}  depth {c['depth']:.2f}: {c['correct']}/{c['trials']}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from kvq_jax.evaluate import evaluate
 
+    if args.task == "needle":
+        return cmd_needle(args)
+    if not args.text:
+        raise KvqError("eval --task ppl needs --text FILE")
     text = _read_text(args.text)
     model, tok = _load(args)
     kv = _kv(args, model.cfg.n_layers)

@@ -90,7 +90,8 @@ def _prepare(out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- figures
-def _figure(w: float, h: float) -> Figure:
+def figure(w: float, h: float) -> Figure:
+    """A `w` x `h`-inch figure on its own Agg canvas (the project's one way to draw a PNG)."""
     fig = Figure(figsize=(w, h), layout="constrained")
     FigureCanvasAgg(fig)  # explicit Agg canvas: headless, no global backend
     return fig
@@ -101,7 +102,7 @@ def _spectra(stats: KVStats, skip_top: int) -> Figure:
     L, D = stats.n_layers, stats.head_dim
     ncols = min(L, 6)
     nrows = math.ceil(L / ncols)
-    fig = _figure(2.3 * ncols, 1.9 * nrows + 0.6)
+    fig = figure(2.3 * ncols, 1.9 * nrows + 0.6)
     axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
     x = np.arange(skip_top + 1, D + 1)
     floor = max(float(max(stats.k_sv.max(), stats.v_sv.max())) * 1e-9, 1e-30)  # log axis: no zeros
@@ -127,7 +128,7 @@ def _spectra(stats: KVStats, skip_top: int) -> Figure:
 
 def _norms(stats: KVStats) -> Figure:
     """Two panels: per-layer Frobenius and spectral norms of K vs V."""
-    fig = _figure(10, 3.6)
+    fig = figure(10, 3.6)
     axes = fig.subplots(1, 2, sharex=True)
     x = np.arange(stats.n_layers)
     pre = {"fro": stats.k_fro_prerope, "spec": stats.k_spec_prerope}
@@ -150,7 +151,7 @@ def _norms(stats: KVStats) -> Figure:
 def _qerr(stats: KVStats) -> Figure:
     """Relative quantization error vs width (mean over layers, band over layers), and the
     attention-output error when only K or only V is quantized."""
-    fig = _figure(10, 3.6)
+    fig = figure(10, 3.6)
     axes = fig.subplots(1, 2, sharex=True)
     b = stats.bits
     panels = ((axes[0], stats.k_qerr.mean(axis=1), stats.v_qerr.mean(axis=1),
@@ -171,7 +172,7 @@ def _qerr(stats: KVStats) -> Figure:
 
 def _bits(plans: dict[str, KVPlan], L: int) -> Figure:
     """One row per plan: bits per layer for keys and values (grouped bars)."""
-    fig = _figure(max(6.0, 0.25 * L + 2), 2.2 * len(plans) + 0.4)
+    fig = figure(max(6.0, 0.25 * L + 2), 2.2 * len(plans) + 0.4)
     axes = fig.subplots(len(plans), 1, squeeze=False, sharex=True, sharey=True)[:, 0]
     x = np.arange(L)
     for ax, (name, plan) in zip(axes, plans.items()):
