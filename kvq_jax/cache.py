@@ -144,7 +144,8 @@ def init_cache(cfg: ModelConfig, kv: KVPlan | DenseKV, batch: int, capacity: int
                rules: Any = None) -> KVCache:
     """An empty cache for `batch` rows of `capacity` positions.
 
-    `dtype` is the full-precision dtype (sink, recent window, dense layers of a plan); a `DenseKV`
+    `dtype` is the full-precision dtype (sink and recent window unless the plan's `window_dtype`
+    says otherwise, dense layers of a plan); a `DenseKV`
     uses its own dtype. `chunk` sets the tokens per step of the XLA packed-body loop (rounded up to
     the layer's packing unit, never more than the body can hold packed; default `loop_chunk_target`).
     `mesh` (`kvq_jax.make_mesh`) lays the cache out over devices as `rules` (`ShardingRules`) say:
@@ -180,6 +181,7 @@ def _empty_cache(cfg: ModelConfig, kv: KVPlan | DenseKV, batch: int, capacity: i
         layers = tuple(dense(jnp.dtype(kv.dtype), cfg.window(i)) for i in range(cfg.n_layers))
         return KVCache(tuple(layers), jnp.zeros((batch,), jnp.int32), capacity)
     kv.validate(cfg)
+    window_dt = dtype if kv.window_dtype == "compute" else jnp.dtype(kv.window_dtype)
     scale_dtype = jnp.dtype(kv.scale_dtype)
     layers = []
     for i, (ks, vs) in enumerate(zip(kv.keys, kv.values)):
@@ -206,10 +208,10 @@ def _empty_cache(cfg: ModelConfig, kv: KVPlan | DenseKV, batch: int, capacity: i
         nb = min(nb, most) if window else nb
         loop = min(nb, most, chunk_tokens(ks, vs, block, chunk or loop_chunk_target(batch * h)))
         layers.append(QuantLayer(
-            sink_k=jnp.zeros((batch, h, sink, d), dtype),
-            sink_v=jnp.zeros((batch, h, sink, d), dtype),
-            recent_k=jnp.zeros((batch, h, kv.residual, d), dtype),
-            recent_v=jnp.zeros((batch, h, kv.residual, d), dtype),
+            sink_k=jnp.zeros((batch, h, sink, d), window_dt),
+            sink_v=jnp.zeros((batch, h, sink, d), window_dt),
+            recent_k=jnp.zeros((batch, h, kv.residual, d), window_dt),
+            recent_v=jnp.zeros((batch, h, kv.residual, d), window_dt),
             k=_packed_tensor(ks, batch, h, nb, d, block, dtype, scale_dtype, shards),
             v=_packed_tensor(vs, batch, h, nb, d, block, dtype, scale_dtype, shards),
             sink=sink, residual=kv.residual, block=block, chunk=loop, body_capacity=shards * nb,

@@ -65,6 +65,8 @@ def _common(p: argparse.ArgumentParser, kv: bool = True) -> None:
         p.add_argument("--residual", type=int, help="recent tokens kept in full precision (default 128)")
         p.add_argument("--sink", type=int, help="first tokens kept in full precision (default 4)")
         p.add_argument("--rotate", choices=("none", "hadamard"))
+        p.add_argument("--window-dtype", choices=("compute", "bfloat16", "float32"),
+                       help="store the sink and recent window in this dtype (default: compute)")
         p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas", "pallas_interpret"))
         p.add_argument("--mesh", help="devices as data=D,model=M,seq=S (default: all devices on data when "
                                       "the batch divides over them, else one device)")
@@ -181,7 +183,7 @@ def _kv(args: argparse.Namespace, n_layers: int):
             raise KvqError(f"--{name} must be >= 0, got {v}")
     return parse_kv(args.kv, n_layers, key_axis=args.key_axis, value_axis=args.value_axis,
                     group_k=args.group_k, group_v=args.group_v, residual=args.residual, sink=args.sink,
-                    rotate=args.rotate)
+                    rotate=args.rotate, window_dtype=args.window_dtype)
 
 
 def _read_text(path: str) -> str:

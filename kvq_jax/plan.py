@@ -26,6 +26,8 @@ TOKEN_GROUPS = (32, 64, 128)
 CHANNEL_GROUPS = (16, 32, 64, 128)
 ROTATIONS = ("none", "hadamard")
 SCALE_DTYPES = ("bfloat16", "float32")
+# The sink and recent window: in the model's compute dtype, or always in this one.
+WINDOW_DTYPES = ("compute", "bfloat16", "float32")
 DENSE_DTYPES = ("float32", "bfloat16")
 DEFAULT_BLOCK = 64
 
@@ -139,6 +141,7 @@ class KVPlan:
 
     `residual` is the full-precision recent window R, `sink` the full-precision first S positions,
     `model`/`model_layers` record what the plan was made for (checked by `validate`).
+    `window_dtype` stores the sink and the recent window ("compute": the model's dtype).
     """
 
     keys: tuple[QuantSpec, ...]
@@ -150,6 +153,7 @@ class KVPlan:
     model: str | None = None
     model_layers: int | None = None
     note: str = ""
+    window_dtype: str = "compute"
 
     def __post_init__(self) -> None:
         for name in ("keys", "values"):
@@ -167,6 +171,8 @@ class KVPlan:
             raise KvqError(f"rotate must be one of {', '.join(ROTATIONS)}, got {self.rotate!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise KvqError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        if self.window_dtype not in WINDOW_DTYPES:
+            raise KvqError(f"window_dtype must be one of {', '.join(WINDOW_DTYPES)}, got {self.window_dtype!r}")
         if self.model is not None and not isinstance(self.model, str):
             raise KvqError(f"model must be a string, got {self.model!r}")
         if self.model_layers is not None:
@@ -278,6 +284,7 @@ class KVPlan:
             f"{head}: K {run(self.keys)}; V {run(self.values)}; "
             f"{self.mean_data_bits():.2f} data bits ({self.mean_storage_bits():.2f} stored); "
             f"sink {self.sink}, residual {self.residual}, rotate {self.rotate}, scales {self.scale_dtype}"
+            + ("" if self.window_dtype == "compute" else f", window {self.window_dtype}")
         )
         return text + (f" ({self.note})" if self.note else "")
 
@@ -391,6 +398,7 @@ def parse_kv(
     residual: int | None = None,
     sink: int | None = None,
     rotate: str | None = None,
+    window_dtype: str | None = None,
 ) -> KVPlan | DenseKV:
     """Turns a `--kv` value into a cache plan.
 
@@ -415,7 +423,7 @@ def parse_kv(
                 group_k=64 if group_k is None else group_k, group_v=64 if group_v is None else group_v,
                 residual=128 if residual is None else residual, sink=4 if sink is None else sink,
                 rotate=rotate or "none",
-            )
+            ).replace(window_dtype=window_dtype or "compute")
     except KvqError as e:
         raise KvqError(f"bad --kv {spec!r}: {e}") from None
     if not os.path.exists(text):
@@ -434,6 +442,7 @@ def parse_kv(
             residual=plan.residual if residual is None else residual,
             sink=plan.sink if sink is None else sink,
             rotate=plan.rotate if rotate is None else rotate,
+            window_dtype=plan.window_dtype if window_dtype is None else window_dtype,
         )
     except KvqError as e:
         raise KvqError(f"bad override for plan file {text!r}: {e}") from None

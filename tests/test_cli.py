@@ -127,6 +127,7 @@ def _bad_cases(f: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
         "missing plan file": (gen + ["--kv", "nonexistent.json"], "plan file not found"),
         "unknown kv": (gen + ["--kv", "K4"], "bad --kv 'K4'"),
         "bad attention": (gen + ["--attention", "foo"], "--attention"),
+        "bad window dtype": (gen + ["--kv", "K4V2", "--window-dtype", "float16"], "--window-dtype"),
         "bad windows": (ev + ["--windows", "abc"], "--windows"),
         "negative residual": (gen + ["--kv", "K4V2", "--residual", "-1"], "--residual must be >= 0"),
         "residual not a block multiple": (gen + ["--kv", "K4V2", "--residual", "10"], "not a multiple"),
@@ -296,6 +297,15 @@ def test_eval_quantized_json(capsys, files):
     assert res["kv_cache_bytes_bf16"] == elems * 2
     assert res["effective_bits"] == pytest.approx(res["kv_cache_bytes"] * 8 / elems)
     assert res["kv_cache_bytes"] > 0
+    # the sink and ring in bf16: 2 bytes less per element of them (4 + 64 tokens, K and V, 2 rows)
+    rc, out, err = cli(capsys, *common, "--kv", "K4V2", "--prefill", "8", "--residual", "64",
+                       "--window-dtype", "bfloat16")
+    assert rc == 0, err
+    half = _json(out)
+    assert half["kv"].endswith("window bfloat16")
+    window = 2 * CFG.n_layers * 2 * CFG.n_kv_heads * CFG.head_dim * (4 + 64)
+    assert res["kv_cache_bytes"] - half["kv_cache_bytes"] == 2 * window
+    assert half["ppl"] == pytest.approx(res["ppl"], rel=0.05)
 
 
 def test_bench_json(capsys, files):

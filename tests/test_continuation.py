@@ -113,6 +113,7 @@ def _plans():
     tk = lambda b, g=32: QuantSpec(b, "token", g)
     return {
         "K4V2": KVPlan((ch(4),), (tk(2),), residual=R, sink=S),
+        "K4V2 bf16 window": KVPlan((ch(4),), (tk(2),), residual=R, sink=S, window_dtype="bfloat16"),
         "K16V2": KVPlan((QuantSpec(16),), (tk(2),), residual=R, sink=S),
         "K3V1.58 hadamard": KVPlan((tk(3),), (ch(1.58),), residual=R, sink=S, rotate="hadamard"),
         "K2V4 sink 0": KVPlan((ch(2, 64),), (tk(4, 64),), residual=R, sink=0),
@@ -168,7 +169,7 @@ def test_stored_arrays_do_not_depend_on_the_chunking(name):
             np.testing.assert_array_equal(a, b, err_msg=f"{name}: chunks {key}")
 
 
-@pytest.mark.parametrize("name", ["K4V2", "K3V1.58 hadamard", "16-bit hadamard"])
+@pytest.mark.parametrize("name", ["K4V2", "K4V2 bf16 window", "K3V1.58 hadamard", "16-bit hadamard"])
 def test_one_layer_model_stores_the_same_whatever_the_chunking(name):
     """Through the model (projections, RoPE, rotation): chunkings 1, 7, 64, 333 and T store alike.
 
@@ -190,6 +191,29 @@ def test_one_layer_model_stores_the_same_whatever_the_chunking(name):
             ref = cache.layers[0]
             continue
         assert_stored_close(cache.layers[0], ref, n, f"{name}: chunks {sizes}")
+
+
+def test_bf16_window_stores_the_sink_and_ring_in_bf16():
+    cfg = tiny_config(n_layers=1)
+    model = Transformer(cfg, rngs=nnx.Rngs(4))
+    tokens = np.random.default_rng(2).integers(3, cfg.vocab_size, (1, 300)).astype(np.int32)
+    n = np.array([300])
+    out = {}
+    for name in ("K4V2", "K4V2 bf16 window"):
+        logits, cache = feed(model, init_cache(cfg, _plans()[name], 1, 320), tokens, schedule(n, [64]))
+        out[name] = (np.asarray(logits), cache)
+    lay, ref = out["K4V2 bf16 window"][1].layers[0], out["K4V2"][1].layers[0]
+    assert {x.dtype for x in (lay.sink_k, lay.sink_v, lay.recent_k, lay.recent_v)} == {jnp.dtype(jnp.bfloat16)}
+    assert lay.k.words.dtype == ref.k.words.dtype and ref.recent_k.dtype == jnp.float32
+    window = sum(x.size for x in (ref.sink_k, ref.sink_v, ref.recent_k, ref.recent_v))
+    assert out["K4V2"][1].nbytes() - out["K4V2 bf16 window"][1].nbytes() == 2 * window
+    np.testing.assert_allclose(np.asarray(lay.recent_k, np.float32), np.asarray(ref.recent_k), rtol=1e-2, atol=1e-2)
+    # Rounding the window to bf16 costs little next to 4/2-bit quantization: its error vs fp stays
+    # close to that of the float32 window.
+    fp = np.asarray(feed(model, init_cache(cfg, DenseKV("float32"), 1, 320), tokens, schedule(n, [64]))[0])
+    err = {k: float(np.sqrt(np.mean((v[0] - fp) ** 2))) for k, v in out.items()}
+    assert np.isfinite(out["K4V2 bf16 window"][0]).all()
+    assert err["K4V2 bf16 window"] < 1.25 * err["K4V2"], err
 
 
 def assert_stored_close(lay, ref, n: np.ndarray, what: str) -> None:

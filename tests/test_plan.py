@@ -203,6 +203,7 @@ def test_summaries():
         (dict(sink=1.5), "sink must be an int >= 0"),
         (dict(keys="4b/channel/64"), "must be a list of quant specs"),
         (dict(model_layers=0), "model_layers must be an int >= 1"),
+        (dict(window_dtype="float16"), "window_dtype must be one of compute, bfloat16, float32"),
     ],
 )
 def test_plan_rejects(kwargs, msg):
@@ -304,7 +305,13 @@ def test_parse_kv_overrides():
     p = parse_kv("K4V2", 3, key_axis="token", value_axis="channel", group_k=32, group_v=16,
                  residual=256, sink=0, rotate="hadamard")
     assert p.keys == (QuantSpec(4, "token", 32),) * 3 and p.values == (QuantSpec(2, "channel", 16),) * 3
-    assert (p.residual, p.sink, p.rotate) == (256, 0, "hadamard")
+    assert (p.residual, p.sink, p.rotate, p.window_dtype) == (256, 0, "hadamard", "compute")
+    b = parse_kv("K4V2", 3, window_dtype="bfloat16")
+    assert b.window_dtype == "bfloat16" and b.describe().endswith("window bfloat16")
+    assert KVPlan.from_json(b.to_json()) == b
+    old = b.to_dict()
+    del old["window_dtype"]  # plan files written before the field load as "compute"
+    assert KVPlan.from_dict(old).window_dtype == "compute"
     assert parse_kv("fp", 3, residual=64) == DenseKV()  # dense caches take no overrides
 
 
@@ -317,6 +324,7 @@ def test_parse_kv_plan_file(tmp_path):
         q = parse_kv(str(path), 3, group_v=128, value_axis="token", sink=8)
         assert q.values == tuple(QuantSpec(b, "token", 128) for b in (2, 3, 8))
         assert q.keys == plan.keys and q.sink == 8 and q.residual == plan.residual and q.model == plan.model
+        assert parse_kv(str(path), 3, window_dtype="bfloat16").window_dtype == "bfloat16"
     with pytest.raises(KvqError) as e:
         parse_kv(str(tmp_path / "p.json"), 5)
     assert "has 3 layers, the model has 5" in one_line(e)
