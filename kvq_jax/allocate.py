@@ -40,7 +40,7 @@ import numpy as np
 
 from kvq_jax.config import ModelConfig
 from kvq_jax.errors import KvqError
-from kvq_jax.plan import KVPlan, QuantSpec
+from kvq_jax.plan import ROTATIONS, KVPlan, QuantSpec
 from kvq_jax.stats import KVStats, canonical_bits as _num
 
 METHODS = ("fisher", "sensitivity", "norm", "weight-norm")
@@ -101,7 +101,7 @@ def allocate(
     group_v: int = 64,
     residual: int = 128,
     sink: int = 4,
-    rotate: str = "none",
+    rotate: str | tuple[str, ...] = "none",
     scale_dtype: str = "bfloat16",
     per_head: bool = False,
     model_name: str | None = None,
@@ -128,7 +128,7 @@ def allocate_detailed(
     group_v: int = 64,
     residual: int = 128,
     sink: int = 4,
-    rotate: str = "none",
+    rotate: str | tuple[str, ...] = "none",
     scale_dtype: str = "bfloat16",
     per_head: bool = False,
     model_name: str | None = None,
@@ -143,6 +143,12 @@ def allocate_detailed(
     """
     if method not in METHODS:
         raise KvqError(f"unknown allocation method {method!r} (choose from {', '.join(METHODS)})")
+    if isinstance(rotate, str) and rotate == "auto":
+        return _auto_rotation(stats, budget, dict(
+            method=method, bits=bits, norm=norm, count_overhead=count_overhead, key_axis=key_axis,
+            value_axis=value_axis, group_k=group_k, group_v=group_v, residual=residual, sink=sink,
+            scale_dtype=scale_dtype, per_head=per_head, model_name=model_name, layer_tokens=layer_tokens))
+    rotations = _rotations(rotate, stats.n_layers)
     if norm not in NORMS:
         raise KvqError(f"unknown norm {norm!r} (choose from {', '.join(NORMS)})")
     try:
@@ -169,7 +175,7 @@ def allocate_detailed(
         if any(b <= a for a, b in zip(costs, costs[1:])):
             raise KvqError(f"width costs are not increasing: {[float(c) for c in costs]}")
 
-    k_e, v_e, k_c, v_c = _distortions(stats, method, norm, widths, per_head)  # [L(,H), nb] each
+    k_e, v_e, k_c, v_c = _distortions(stats, method, norm, widths, per_head, rotations)  # [L(,H), nb] each
     shape = k_e.shape[:-1]
     n_half = int(np.prod(shape))
     # item order: all keys (layer-major, then head), then all values -> ties favour keys, low index
@@ -239,6 +245,48 @@ def allocate_detailed(
         layer_tokens=None if layer_tokens is None else tuple(int(t) for t in tokens))
 
 
+def _rotations(rotate: str | Sequence[str], n_layers: int) -> tuple[str, ...]:
+    """`rotate` as one rotation per layer (validated as a plan validates it)."""
+    return tuple(KVPlan((QuantSpec(16),) * n_layers, (QuantSpec(16),) * n_layers, rotate=rotate).rotation(i)
+                 for i in range(n_layers))
+
+
+def _auto_rotation(stats: KVStats, budget: float, kw: dict) -> Allocation:
+    """rotate="auto": a rotation per layer and the widths, by alternating the two choices.
+
+    With the rotations fixed, the greedy allocates widths from each layer's Fisher errors under its
+    rotation; with the widths fixed, each layer takes the rotation with the lower error at them
+    (its K and V share one rotation). Repeated until the rotations stop changing; the allocation of
+    lowest predicted error is returned (a greedy step need not lower it).
+    """
+    if kw["method"] != "fisher":
+        raise KvqError("rotate='auto' chooses rotations from Fisher errors: use method 'fisher'")
+    if stats.k_fisher_err_hadamard is None or stats.v_fisher_err_hadamard is None:
+        raise KvqError("these stats have no Hadamard Fisher errors: re-run the analysis to choose rotations")
+    rot = ("none",) * stats.n_layers
+    best, seen = None, set()
+    while rot not in seen:
+        seen.add(rot)
+        a = allocate_detailed(stats, budget, rotate=rot, **kw)
+        if best is None or a.total_err < best.total_err:
+            best = a
+        err = {r: _fisher_at(stats, r, "k", a.k_bits) + _fisher_at(stats, r, "v", a.v_bits) for r in ROTATIONS}
+        prev = rot  # a tie keeps the layer's current rotation
+        rot = tuple(min(ROTATIONS, key=lambda r: (err[r][i], r != prev[i])) for i in range(stats.n_layers))
+    plan = best.plan
+    return dataclasses.replace(best, plan=plan.replace(note=plan.note + ", rotations chosen per layer"))
+
+
+def _fisher_at(stats: KVStats, rotate: str, kind: str, widths: np.ndarray) -> np.ndarray:
+    """[L] Fisher error of each layer's K (or V) at its width under `rotate` (16 bits: 0)."""
+    e = getattr(stats, f"{kind}_fisher_err" + ("_hadamard" if rotate == "hadamard" else ""))
+    out = np.zeros(stats.n_layers)
+    for i, b in enumerate(widths):
+        j = stats.bit_index(float(b))
+        out[i] = 0.0 if j is None else e[i, j]
+    return out
+
+
 def layer_tokens_at(cfg: ModelConfig, context: int) -> tuple[int, ...]:
     """Tokens each layer's cache holds at `context`: min(W, context) for a sliding-window layer."""
     if context < 1:
@@ -286,10 +334,11 @@ def _layer_floor(head_idx: np.ndarray, cost: np.ndarray) -> np.ndarray:
     return np.array([int(np.flatnonzero(cost * H <= t).max()) for t in total], dtype=np.int64)
 
 
-def _distortions(stats: KVStats, method: str, norm: str, widths: tuple[float, ...],
-                 per_head: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+def _distortions(stats: KVStats, method: str, norm: str, widths: tuple[float, ...], per_head: bool,
+                 rotations: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Distortion of K and V at each width, [L, nb] each (or [L, H, nb] with per_head), and for
-    the norm methods the factors c of e = c * 2^(-2b), [L] (or [L, H]); None for "sensitivity"."""
+    the norm methods the factors c of e = c * 2^(-2b), [L] (or [L, H]); None for "sensitivity".
+    "fisher" reads each layer's errors under its rotation; the other methods ignore rotations."""
     w = np.asarray([float(b) for b in widths])
     if method == "fisher" and per_head:
         raise KvqError("the fisher method allocates per layer (per-head Fisher errors are not measured)")
@@ -299,6 +348,13 @@ def _distortions(stats: KVStats, method: str, norm: str, widths: tuple[float, ..
     if method in _MEASURED:
         if method == "fisher":
             ke, ve = stats.k_fisher_err, stats.v_fisher_err
+            rotated = [i for i, r in enumerate(rotations) if r == "hadamard"]
+            if rotated:
+                if stats.k_fisher_err_hadamard is None or stats.v_fisher_err_hadamard is None:
+                    raise KvqError("these stats have no Hadamard Fisher errors: re-run the analysis to "
+                                   "allocate for a rotated cache")
+                ke, ve = ke.copy(), ve.copy()
+                ke[rotated], ve[rotated] = stats.k_fisher_err_hadamard[rotated], stats.v_fisher_err_hadamard[rotated]
         elif per_head:
             if stats.k_attn_err_head is None or stats.v_attn_err_head is None:
                 raise KvqError("per-head sensitivity allocation needs k/v_attn_err_head in the stats")

@@ -140,8 +140,11 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
     fisher_kw = [dict(bits=bits, key_axis=key_axis, value_axis=value_axis, group_k=group_k, group_v=group_v,
                       sink=0 if g["window"] else sink, residual=residual, block=block, scale_dtype=scale_dtype, **g)
                  for g in geometry]
-    fisher_k = np.zeros((cfg.n_layers, len(bits)))
-    fisher_v = np.zeros((cfg.n_layers, len(bits)))
+    # Both rotations are measured, so the allocator can choose one per layer (Hadamard needs a
+    # power-of-two head_dim).
+    rotations = ("none", "hadamard") if cfg.head_dim & (cfg.head_dim - 1) == 0 else ("none",)
+    fisher_k = {r: np.zeros((cfg.n_layers, len(bits))) for r in rotations}
+    fisher_v = {r: np.zeros((cfg.n_layers, len(bits))) for r in rotations}
     totals: list[dict[str, np.ndarray]] = [{} for _ in range(cfg.n_layers)]
     kw = dict(bits=bits, key_axis=key_axis, value_axis=value_axis, group_k=group_k, group_v=group_v,
               scale_dtype=scale_dtype)
@@ -158,9 +161,10 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
         if fisher:
             _, grads, (fq, fk, fv) = fisher_pass(graphdef, state, toks)
             for i in range(cfg.n_layers):
-                ke, ve = layer_fisher_errors(fq[i], fk[i], fv[i], grads[i], **fisher_kw[i])
-                fisher_k[i] += np.asarray(ke, np.float64)
-                fisher_v[i] += np.asarray(ve, np.float64)
+                for r in rotations:
+                    ke, ve = layer_fisher_errors(fq[i], fk[i], fv[i], grads[i], rotate=r, **fisher_kw[i])
+                    fisher_k[r][i] += np.asarray(ke, np.float64)
+                    fisher_v[r][i] += np.asarray(ve, np.float64)
     bar.close()
     stack = lambda name: np.stack([tt[name] for tt in totals])
     k_sq, v_sq, attn_sq = stack("k_sq"), stack("v_sq"), stack("attn_sq")
@@ -170,6 +174,7 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
     v_sv = np.stack([_spectrum(tt["v_gram"]) for tt in totals])
     kpre_sv = np.stack([_spectrum(tt["kpre_gram"]) for tt in totals])
     tiny = 1e-30
+    per_window = lambda e, r: np.maximum(e[r] / w, 0.0) if fisher and r in e else None  # nats per window
     info = dict(meta or {})
     info.update(model=cfg.name, n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                 bits=list(bits), calib_windows=int(w), calib_tokens=int(w * t), key_axis=key_axis,
@@ -191,7 +196,8 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
         v_attn_err_head=stack("v_attn") / np.maximum(attn_sq, tiny)[..., None],
         k_fro_prerope=np.sqrt(np.stack([np.trace(tt["kpre_gram"], axis1=1, axis2=2) for tt in totals])),
         k_spec_prerope=kpre_sv[:, :, 0], k_sv_prerope=kpre_sv,
-        k_fisher_err=np.maximum(fisher_k / w, 0.0) if fisher else None,  # nats per window
-        v_fisher_err=np.maximum(fisher_v / w, 0.0) if fisher else None,
+        k_fisher_err=per_window(fisher_k, "none"), v_fisher_err=per_window(fisher_v, "none"),
+        k_fisher_err_hadamard=per_window(fisher_k, "hadamard"),
+        v_fisher_err_hadamard=per_window(fisher_v, "hadamard"),
         meta=info,
     )

@@ -186,7 +186,7 @@ def _empty_cache(cfg: ModelConfig, kv: KVPlan | DenseKV, batch: int, capacity: i
     layers = []
     for i, (ks, vs) in enumerate(zip(kv.keys, kv.values)):
         window = cfg.window(i)
-        if ks.dense and vs.dense and kv.rotate == "none":
+        if ks.dense and vs.dense and kv.rotation(i) == "none":
             # Both 16-bit: the plain dense layer, so a 16-bit plan reproduces the dense path exactly.
             layers.append(dense(dtype, window))
             continue
@@ -215,7 +215,7 @@ def _empty_cache(cfg: ModelConfig, kv: KVPlan | DenseKV, batch: int, capacity: i
             k=_packed_tensor(ks, batch, h, nb, d, block, dtype, scale_dtype, shards),
             v=_packed_tensor(vs, batch, h, nb, d, block, dtype, scale_dtype, shards),
             sink=sink, residual=kv.residual, block=block, chunk=loop, body_capacity=shards * nb,
-            rotate=kv.rotate, window=window, shards=shards, placement=p,
+            rotate=kv.rotation(i), window=window, shards=shards, placement=p,
         ))
     return KVCache(tuple(layers), jnp.zeros((batch,), jnp.int32), capacity)
 

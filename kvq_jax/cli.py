@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--group-v", type=_positive_int, default=64)
     a.add_argument("--residual", type=_nonneg_int, default=128, help="the plan's full-precision window")
     a.add_argument("--sink", type=_nonneg_int, default=4, help="the plan's full-precision first tokens")
+    a.add_argument("--rotate", default="none", choices=("none", "hadamard", "auto"),
+                   help="the plan's rotation; auto: one per layer, chosen with the widths (--method fisher)")
     return ap
 
 
@@ -431,7 +433,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         stats, args.budget, method=args.method, bits=bits, norm=args.norm,
         count_overhead=args.count_overhead, key_axis=args.key_axis, value_axis=args.value_axis,
         group_k=args.group_k, group_v=args.group_v, residual=args.residual, sink=args.sink,
-        model_name=model.cfg.name,
+        rotate=args.rotate, model_name=model.cfg.name,
         layer_tokens=None if args.target_context is None else layer_tokens_at(model.cfg, args.target_context))
     alloc.plan.save(out)
     summary = {"model": model.cfg.name, "method": args.method, "budget": args.budget, "out": str(out),

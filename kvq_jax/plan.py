@@ -141,14 +141,15 @@ class KVPlan:
 
     `residual` is the full-precision recent window R, `sink` the full-precision first S positions,
     `model`/`model_layers` record what the plan was made for (checked by `validate`).
-    `window_dtype` stores the sink and the recent window ("compute": the model's dtype).
+    `window_dtype` stores the sink and the recent window ("compute": the model's dtype). `rotate` is
+    one rotation for every layer or one per layer (`rotation(layer)`).
     """
 
     keys: tuple[QuantSpec, ...]
     values: tuple[QuantSpec, ...]
     residual: int = 128
     sink: int = 4
-    rotate: str = "none"
+    rotate: str | tuple[str, ...] = "none"
     scale_dtype: str = "bfloat16"
     model: str | None = None
     model_layers: int | None = None
@@ -167,7 +168,16 @@ class KVPlan:
             raise KvqError(f"plan has {len(self.keys)} key specs but {len(self.values)} value specs")
         _check_int("residual", self.residual)
         _check_int("sink", self.sink)
-        if self.rotate not in ROTATIONS:
+        if isinstance(self.rotate, (list, tuple)):  # one rotation per layer
+            rot = tuple(self.rotate)
+            if len(rot) != len(self.keys):
+                raise KvqError(f"plan has {len(self.keys)} layers but {len(rot)} rotations")
+            bad = [r for r in rot if r not in ROTATIONS]
+            if bad:
+                raise KvqError(f"rotate must be one of {', '.join(ROTATIONS)}, got {bad[0]!r}")
+            # canonical form: one string when every layer agrees, so equal plans compare and hash alike
+            object.__setattr__(self, "rotate", rot[0] if len(set(rot)) == 1 else rot)
+        elif self.rotate not in ROTATIONS:
             raise KvqError(f"rotate must be one of {', '.join(ROTATIONS)}, got {self.rotate!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise KvqError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
@@ -189,6 +199,11 @@ class KVPlan:
     def _check_layer(self, layer: int) -> None:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
             raise KvqError(f"layer must be in [0, {self.n_layers}), got {layer!r}")
+
+    def rotation(self, layer: int) -> str:
+        """The rotation of `layer`'s cached K/V ("none" | "hadamard")."""
+        self._check_layer(layer)
+        return self.rotate if isinstance(self.rotate, str) else self.rotate[layer]
 
     def quantized(self, layer: int) -> bool:
         """True if K or V of `layer` is quantized (not 16-bit dense)."""
@@ -216,7 +231,7 @@ class KVPlan:
             )
         if self.n_layers != cfg.n_layers:
             raise KvqError(f"plan has {self.n_layers} layers, model {cfg.name!r} has {cfg.n_layers}")
-        if self.rotate == "hadamard" and cfg.head_dim & (cfg.head_dim - 1):
+        if "hadamard" in (self.rotation(i) for i in range(self.n_layers)) and cfg.head_dim & (cfg.head_dim - 1):
             raise KvqError(f"rotate='hadamard' needs a power-of-two head_dim, got {cfg.head_dim}")
         for layer in range(self.n_layers):
             for kind, s in (("key", self.keys[layer]), ("value", self.values[layer])):
@@ -225,7 +240,7 @@ class KVPlan:
                         f"layer {layer} {kind} spec {s}: head_dim {cfg.head_dim} is not divisible "
                         f"by group {s.group}"
                     )
-            if not self.quantized(layer) and self.rotate == "none":
+            if not self.quantized(layer) and self.rotation(layer) == "none":
                 continue  # a plain dense layer: no window, no flush block
             g = self.block(layer)
             if self.residual % g:
@@ -280,10 +295,11 @@ class KVPlan:
             return ", ".join(s if n == len(specs) else f"{s}×{n}" for s, n in c.most_common())
 
         head = f"{self.n_layers} layers" + (f" of {self.model}" if self.model else "")
+        rotations = self.rotate if isinstance(self.rotate, str) else run(self.rotate)
         text = (
             f"{head}: K {run(self.keys)}; V {run(self.values)}; "
             f"{self.mean_data_bits():.2f} data bits ({self.mean_storage_bits():.2f} stored); "
-            f"sink {self.sink}, residual {self.residual}, rotate {self.rotate}, scales {self.scale_dtype}"
+            f"sink {self.sink}, residual {self.residual}, rotate {rotations}, scales {self.scale_dtype}"
             + ("" if self.window_dtype == "compute" else f", window {self.window_dtype}")
         )
         return text + (f" ({self.note})" if self.note else "")
@@ -294,6 +310,8 @@ class KVPlan:
         d = dataclasses.asdict(self)
         d["keys"] = [str(s) for s in self.keys]
         d["values"] = [str(s) for s in self.values]
+        if not isinstance(self.rotate, str):
+            d["rotate"] = list(self.rotate)
         return d
 
     @classmethod

@@ -49,9 +49,11 @@ _SHAPES: dict[str, tuple[str, ...]] = {
     "v_attn_err_head": ("L", "H", "B"),
     "k_fisher_err": ("L", "B"),
     "v_fisher_err": ("L", "B"),
+    "k_fisher_err_hadamard": ("L", "B"),
+    "v_fisher_err_hadamard": ("L", "B"),
 }
 OPTIONAL = ("k_fro_prerope", "k_spec_prerope", "k_sv_prerope", "k_attn_err_head", "v_attn_err_head",
-            "k_fisher_err", "v_fisher_err")
+            "k_fisher_err", "v_fisher_err", "k_fisher_err_hadamard", "v_fisher_err_hadamard")
 
 
 @dataclasses.dataclass(eq=False)
@@ -67,7 +69,8 @@ class KVStats:
     k_attn_err, v_attn_err [L, nb]: normalised MSE of the layer's attention output when only its keys
         (resp. values) are quantized; k_attn_err_head, v_attn_err_head [L, H, nb]: the same per head.
     k_fisher_err, v_fisher_err [L, nb]: Fisher-weighted attention-output error under the cache
-        protocol, in nats per calibration window (optional; see kvq_jax.fisher).
+        protocol, in nats per calibration window (optional; see kvq_jax.fisher);
+        k_fisher_err_hadamard, v_fisher_err_hadamard [L, nb]: the same for a Hadamard-rotated cache.
     meta: JSON-able dict (model, n_layers, n_kv_heads, head_dim, bits, calib_file, calib_windows,
         calib_tokens, key_axis, value_axis, group_k, group_v).
     """
@@ -98,6 +101,8 @@ class KVStats:
     v_attn_err_head: np.ndarray | None = None
     k_fisher_err: np.ndarray | None = None
     v_fisher_err: np.ndarray | None = None
+    k_fisher_err_hadamard: np.ndarray | None = None
+    v_fisher_err_hadamard: np.ndarray | None = None
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:

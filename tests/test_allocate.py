@@ -281,3 +281,31 @@ def test_memory_budget_weighs_layers_by_the_tokens_they_hold(method):
     assert "memory budget" in mem.plan.note
     with pytest.raises(KvqError, match="layer_tokens must be 6 positive integers"):
         allocate_detailed(stats, 3.0, method=method, layer_tokens=[1, 2])
+
+
+def test_auto_rotation_picks_the_better_rotation_per_layer():
+    s = synthetic_stats(4, 2, 16, seed=1)
+    kh, vh = s.k_fisher_err.copy(), s.v_fisher_err.copy()
+    kh[1] *= 0.05  # layer 1 quantizes far better rotated, layer 2 far worse
+    vh[1] *= 0.05
+    kh[2] *= 20.0
+    vh[2] *= 20.0
+    s = dataclasses.replace(s, k_fisher_err_hadamard=kh, v_fisher_err_hadamard=vh)
+    a = allocate_detailed(s, 3.0, method="fisher", rotate="auto")
+    rot = [a.plan.rotation(i) for i in range(4)]
+    assert rot[1] == "hadamard" and rot[2] == "none" and rot[0] == rot[3] == "none"  # ties stay unrotated
+    assert a.plan.rotate == ("none", "hadamard", "none", "none")
+    for other in ("none", "hadamard"):
+        assert a.total_err <= allocate_detailed(s, 3.0, method="fisher", rotate=other).total_err
+    assert a.spent <= 3.0 and KVPlan.from_json(a.plan.to_json()) == a.plan
+    # an explicit per-layer rotation allocates with those tables
+    fixed = allocate_detailed(s, 3.0, method="fisher", rotate=("none", "hadamard", "none", "none"))
+    assert fixed.plan.rotate == a.plan.rotate
+    with pytest.raises(KvqError, match="use method 'fisher'"):
+        allocate_detailed(s, 3.0, method="norm", rotate="auto")
+    with pytest.raises(KvqError, match="no Hadamard Fisher errors"):
+        allocate_detailed(synthetic_stats(4, 2, 16, seed=1), 3.0, method="fisher", rotate="auto")
+    with pytest.raises(KvqError, match="no Hadamard Fisher errors"):
+        allocate_detailed(synthetic_stats(4, 2, 16, seed=1), 3.0, method="fisher", rotate="hadamard")
+    with pytest.raises(KvqError, match="4 layers but 3 rotations"):
+        allocate_detailed(s, 3.0, method="fisher", rotate=("none",) * 3)

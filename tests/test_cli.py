@@ -357,6 +357,17 @@ def test_analyze_writes_a_plan_that_eval_accepts(capsys, files, tmp_path):
     mem = _json(out)
     assert mem["target_context"] == 4096 and mem["element_bits"] <= 4 and mem["spent"] <= 4
     assert "memory budget" in json.loads(plan_path.read_text())["note"]
+    # rotations chosen per layer with the widths (fisher); eval runs the plan
+    rc, out, err = cli(capsys, *analyze, "--force", "--rotate", "auto")
+    assert rc == 0, err
+    auto = json.loads(plan_path.read_text())
+    assert "rotations chosen per layer" in auto["note"]
+    assert auto["rotate"] in ("none", "hadamard") or set(auto["rotate"]) == {"hadamard", "none"}
+    rc, out, err = cli(capsys, "eval", "--model", files["model"], "--text", files["text"], "--context", "128",
+                       "--windows", "2", "--kv", plan_path, "--prefill", "8", "--json", "--no-progress")
+    assert rc == 0 and math.isfinite(_json(out)["ppl"]), err
+    rc, out, err = cli(capsys, *analyze, "--force", "--rotate", "auto", "--method", "norm")
+    assert_user_error(rc, err, "use method 'fisher'")
     # windows no longer than sink + residual cannot measure Fisher errors: a clear error, no plan
     short = tmp_path / "short.json"
     rc, out, err = cli(capsys, "analyze", "--model", files["model"], "--calib", files["text"], "--context", "64",

@@ -231,6 +231,28 @@ def assert_stored_close(lay, ref, n: np.ndarray, what: str) -> None:
         assert np.mean(a != b) < 2e-3, f"{what}: {np.mean(a != b):.4f} of codes differ"
 
 
+def test_per_layer_rotation(two_layer):
+    """A plan rotating layer 0 only: layer 0 stores what an all-rotated plan stores, layer 1 is a
+    plain layer; a rotated 16-bit layer is exact (the rotation is orthonormal)."""
+    cfg = two_layer.cfg
+    ch, tk = QuantSpec(4, "channel", 32), QuantSpec(2, "token", 32)
+    n = np.array([150])
+    tokens = np.random.default_rng(7).integers(3, cfg.vocab_size, (1, 150)).astype(np.int32)
+    run = lambda plan: feed(two_layer, init_cache(cfg, plan, 1, 192), tokens, schedule(n, [50]))
+    mixed = KVPlan((ch, ch), (tk, tk), residual=32, sink=S, rotate=("hadamard", "none"))
+    _, c_mixed = run(mixed)
+    _, c_all = run(mixed.replace(rotate="hadamard"))
+    assert [lay.rotate for lay in c_mixed.layers] == ["hadamard", "none"]
+    for a, b in zip(_stored(c_mixed.layers[0], n), _stored(c_all.layers[0], n)):
+        np.testing.assert_array_equal(a, b)
+    dense = KVPlan((QuantSpec(16), QuantSpec(16)), (QuantSpec(16), QuantSpec(16)), residual=64, sink=S,
+                   rotate=("hadamard", "none"))
+    got, c_dense = run(dense)
+    fp, _ = run(DenseKV("float32"))
+    assert isinstance(c_dense.layers[0], QuantLayer) and isinstance(c_dense.layers[1], DenseLayer)
+    np.testing.assert_allclose(got[0], fp[0], rtol=1e-4, atol=1e-4)
+
+
 def test_mixed_plan_with_a_16bit_layer_continues(two_layer):
     """Layer 0 quantized, layer 1 16-bit (dense): chunked prefill runs, layer 0 stores as one shot does."""
     cfg = two_layer.cfg

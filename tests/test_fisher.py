@@ -130,3 +130,38 @@ def test_fisher_allocation_needs_fisher_stats(stats):
 def test_analyze_rejects_a_window_protocol_it_cannot_mimic(model, windows):
     with pytest.raises(KvqError, match="residual"):
         analyze(model, windows, bits=(2,), group_k=32, group_v=32, residual=48, progress=False)
+
+
+def test_hadamard_errors_are_those_of_the_rotated_cache(stats):
+    # analyze measures both rotations (head_dim 32 is a power of two)
+    for e, ref in ((stats.k_fisher_err_hadamard, stats.k_fisher_err), (stats.v_fisher_err_hadamard, stats.v_fisher_err)):
+        assert e.shape == ref.shape and np.all(np.isfinite(e)) and np.all(e[:, 0] > e[:, -1])
+        assert not np.allclose(e, ref)
+    # keys with one outlier channel, quantized per token: the rotation spreads the outlier over all
+    # channels, so the rotated cache's key error is far smaller; at 8 bits both are negligible
+    rng = np.random.default_rng(0)
+    b, t, h, d = 1, 96, 1, 32
+    q = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+    k = rng.standard_normal((b, t, h, d))
+    k[..., 3] *= 40.0
+    k, v = jnp.asarray(k, jnp.float32), jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+    grad = jnp.ones((b, t, h, d), jnp.float32)
+    kw = dict(bits=(2.0, 8.0), key_axis="token", value_axis="token", group_k=32, group_v=32, sink=0,
+              residual=32, block=32, scale_dtype="float32")
+    ke_none, _ = fisher.layer_fisher_errors(q, k, v, grad, **kw)
+    ke_rot, _ = fisher.layer_fisher_errors(q, k, v, grad, rotate="hadamard", **kw)
+    assert float(ke_rot[0]) < 0.5 * float(ke_none[0])
+    assert float(ke_rot[1]) < 1e-3 * float(ke_rot[0])
+
+
+def test_auto_rotation_allocates_with_the_rotated_errors(stats):
+    kw = dict(group_k=32, group_v=32, residual=32, sink=2)
+    a = allocate_detailed(stats, 3.0, method="fisher", rotate="auto", **kw)
+    plain = allocate_detailed(stats, 3.0, method="fisher", **kw)
+    rotated = allocate_detailed(stats, 3.0, method="fisher", rotate="hadamard", **kw)
+    assert a.total_err <= min(plain.total_err, rotated.total_err) + 1e-12
+    assert a.spent <= 3.0 + 1e-12 and "rotations chosen per layer" in a.plan.note
+    a.plan.validate(CFG)
+    # an all-rotated allocation's predicted errors are read from the Hadamard tables
+    idx = [list(stats.bits).index(b) for b in rotated.k_bits]
+    np.testing.assert_allclose(rotated.k_err, stats.k_fisher_err_hadamard[np.arange(CFG.n_layers), idx])

@@ -361,3 +361,20 @@ def test_parse_kv_rejects(spec, kw, msg):
     with pytest.raises(KvqError) as e:
         parse_kv(spec, 3, **kw)
     assert msg in one_line(e)
+
+
+def test_per_layer_rotation():
+    specs = (QuantSpec(4, "channel"),) * 3, (QuantSpec(2),) * 3
+    p = KVPlan(*specs, rotate=["none", "hadamard", "none"])
+    assert p.rotate == ("none", "hadamard", "none") and [p.rotation(i) for i in range(3)] == ["none", "hadamard", "none"]
+    assert KVPlan(*specs, rotate=("hadamard",) * 3) == KVPlan(*specs, rotate="hadamard")  # one canonical form
+    assert hash(p) == hash(KVPlan(*specs, rotate=("none", "hadamard", "none")))
+    assert "rotate none×2, hadamard" in p.describe()
+    assert KVPlan.from_json(p.to_json()) == p and json.loads(p.to_json())["rotate"] == ["none", "hadamard", "none"]
+    for bad, msg in ((["none"] * 2, "3 layers but 2 rotations"), (["none", "x", "none"], "rotate must be one of")):
+        with pytest.raises(KvqError) as e:
+            KVPlan(*specs, rotate=bad)
+        assert msg in one_line(e)
+    with pytest.raises(KvqError) as e:
+        p.validate(tiny_config(n_layers=3, head_dim=48, n_heads=2, n_kv_heads=1, dim=96))
+    assert "power-of-two head_dim" in one_line(e)
