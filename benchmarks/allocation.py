@@ -34,6 +34,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["uniform", "norm", "sensitivity", "fisher"])
     ap.add_argument("--model", default="smollm2-135m", help="a model name or a GGUF file")
     ap.add_argument("--prefill", type=int, default=64)
+    ap.add_argument("--calib-context", type=int, default=None, help="calibration window (default: --context)")
+    ap.add_argument("--rotate", default="none", choices=("none", "hadamard", "auto"),
+                    help="the allocated plans' rotation (auto: per layer, fisher only)")
     ap.add_argument("--target-context", type=int, default=None,
                     help="also run each rule under a memory budget: bits per element the cache holds at this context")
     args = ap.parse_args()
@@ -47,7 +50,8 @@ def main() -> None:
     if os.path.exists(stats_path):
         stats = KVStats.load(stats_path)
     else:
-        stats = analyze(model, text_windows(tok, calib, args.context, args.calib_windows), progress=False,
+        stats = analyze(model, text_windows(tok, calib, args.calib_context or args.context, args.calib_windows),
+                        progress=False,
                         meta={"calib_file": os.path.basename(args.text) + " (first half)"})
         stats.save(stats_path)
     for budget in args.budgets:
@@ -55,18 +59,22 @@ def main() -> None:
             if method == "uniform":
                 runs = [(spec, parse_kv(spec, model.cfg.n_layers), budget) for spec in UNIFORM.get(budget, ())]
             else:
-                alloc = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name)
-                alloc.plan.save(os.path.join(args.out_dir, f"{'' if slug == 'smollm2' else slug + '_'}plan_{method}_{budget:g}.json"))
-                runs = [(method, alloc.plan, float(alloc.spent))]
+                rot = "" if args.rotate == "none" else f" rotate={args.rotate}"
+                alloc = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name,
+                                          rotate=args.rotate)
+                name = f"{'' if slug == 'smollm2' else slug + '_'}plan_{method}_{budget:g}"
+                alloc.plan.save(os.path.join(args.out_dir, name + ("" if not rot else f"_{args.rotate}") + ".json"))
+                runs = [(method + rot, alloc.plan, float(alloc.spent))]
                 if args.target_context:  # the same average over the elements the cache really holds
-                    mem = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name,
+                    mem = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name, rotate=args.rotate,
                                             layer_tokens=layer_tokens_at(model.cfg, args.target_context))
-                    runs.append((f"{method} memory@{args.target_context}", mem.plan, float(mem.spent)))
+                    runs.append((f"{method} memory@{args.target_context}{rot}", mem.plan, float(mem.spent)))
             for label, kv, spent in runs:
                 r = evaluate(model, tok, held_out, context=args.context, windows=args.windows, kv=kv,
                              prefill=args.prefill, progress=False)
                 r.update(label=label, method=method, budget=budget, spent=spent,
-                         k_bits=[s.bits for s in kv.keys], v_bits=[s.bits for s in kv.values])
+                         k_bits=[s.bits for s in kv.keys], v_bits=[s.bits for s in kv.values],
+                         rotate=[kv.rotation(i) for i in range(kv.n_layers)])
                 line = json.dumps(r)
                 print(line, flush=True)
                 with open(os.path.join(args.out_dir, "allocation.jsonl"), "a") as f:

@@ -19,7 +19,8 @@ from kvq_jax.report import figure
 def series_name(r: dict) -> str:
     if r["method"] == "uniform":
         return "uniform KbVb"
-    return r["method"] + (" (memory budget)" if "memory@" in r["label"] else "")
+    rot = r["label"].split(" rotate=")[1] if " rotate=" in r["label"] else None
+    return r["method"] + (" (memory budget)" if "memory@" in r["label"] else "") + (f", rotate {rot}" if rot else "")
 
 
 def main() -> None:
