@@ -166,6 +166,28 @@ def init_cache(cfg: ModelConfig, kv: KVPlan | DenseKV, batch: int, capacity: int
                    out_shardings=sharding.cache_shardings(shape))()
 
 
+def cache_bytes(cfg: ModelConfig, kv: KVPlan | DenseKV, batch: int, capacity: int,
+                dtype: jnp.dtype = jnp.float32, mesh: Any = None, rules: Any = None) -> int:
+    """Bytes one device would hold of `init_cache(...)`'s cache (the most any device holds), from
+    shapes alone: nothing is allocated, so any model's config and context can be planned."""
+    if batch < 1 or capacity < 1:
+        raise KvqError(f"cache needs batch >= 1 and capacity >= 1, got batch={batch}, capacity={capacity}")
+    p = None
+    if mesh is not None:
+        from kvq_jax import sharding
+
+        p = sharding.placement(mesh, cfg, batch, rules)
+    shape = jax.eval_shape(lambda: _empty_cache(cfg, kv, batch, capacity, dtype, None, p))
+    leaves = jax.tree_util.tree_leaves(shape)
+    if p is None:
+        return int(sum(x.size * x.dtype.itemsize for x in leaves))
+    from kvq_jax import sharding
+
+    shardings = jax.tree_util.tree_leaves(sharding.cache_shardings(shape))
+    # NamedShardings of evenly divided axes: every device holds a shard of the same shape.
+    return int(sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in zip(leaves, shardings)))
+
+
 def _empty_cache(cfg: ModelConfig, kv: KVPlan | DenseKV, batch: int, capacity: int, dtype: jnp.dtype,
                  chunk: int | None, p: Any) -> KVCache:
     h, d = cfg.n_kv_heads, cfg.head_dim

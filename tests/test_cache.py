@@ -507,3 +507,15 @@ def test_all_dense_layer_does_not_constrain_residual():
     plan = KVPlan((QuantSpec(16), ch(4, 32)), (QuantSpec(16), tok(2)), residual=32, sink=S)
     cache = init_cache(cfg, plan, 1, 64)
     assert isinstance(cache.layers[0], DenseLayer) and isinstance(cache.layers[1], QuantLayer)
+
+
+@pytest.mark.parametrize("kv", ["fp", "bf16", "K4V2", "K1.58V3"])
+def test_cache_bytes_plans_what_init_cache_allocates(kv):
+    from kvq_jax.plan import parse_kv
+
+    for cfg in (tiny_config(), tiny_config("gemma3", n_layers=3, n_kv_heads=1, sliding_window=64, local_layers=(0, 1))):
+        plan = parse_kv(kv, cfg.n_layers, residual=64)
+        for batch, capacity in ((1, 100), (3, 1000)):
+            assert kvcache.cache_bytes(cfg, plan, batch, capacity) == init_cache(cfg, plan, batch, capacity).nbytes()
+    with pytest.raises(KvqError, match="capacity >= 1"):
+        kvcache.cache_bytes(tiny_config(), DenseKV(), 1, 0)

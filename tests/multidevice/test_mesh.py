@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kvq_jax.cache import QuantLayer, init_cache
+from kvq_jax.cache import QuantLayer, cache_bytes, init_cache
 from kvq_jax.config import tiny_config
 from kvq_jax.decode import generate
 from kvq_jax.errors import KvqError
@@ -166,6 +166,7 @@ def test_bytes_per_device_split_the_body(seq: int) -> None:
     cache = init_cache(GEMMA, kv, 2, 2000, mesh=make_mesh(seq=seq))
     per = bytes_per_device(cache)
     assert len(set(per.values())) == 1
+    assert cache_bytes(GEMMA, kv, 2, 2000, mesh=make_mesh(seq=seq)) == next(iter(per.values()))
     glob = cache.layers[2]
     split = sum(x.nbytes for x in jax.tree_util.tree_leaves((glob.k, glob.v)))
     replicated = cache.nbytes() - split
