@@ -22,6 +22,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from kvq_jax.cache import init_cache
+from kvq_jax.config import ModelConfig
 from kvq_jax.errors import KvqError
 from kvq_jax.model import Transformer
 from kvq_jax.plan import DenseKV, KVPlan
@@ -146,6 +147,24 @@ def kv_name(kv: KVPlan | DenseKV) -> str:
     return kv.describe()
 
 
+def elements_held(cfg: ModelConfig, rows: int, tokens: int) -> int:
+    """K and V elements a cache really holds for `rows` rows of `tokens` positions (a sliding-window
+    layer holds its window only): the denominator of stored bits per cached element."""
+    from kvq_jax.allocate import layer_tokens_at
+
+    return 2 * rows * cfg.n_kv_heads * cfg.head_dim * sum(layer_tokens_at(cfg, tokens))
+
+
+def bits_report(cfg: ModelConfig, kv: KVPlan | DenseKV, nbytes: int, rows: int, tokens: int) -> dict[str, float]:
+    """`data_bits`: the plan's mean nominal width (32/16 for a dense fp32/bf16 cache); `stored_bits`:
+    the cache's real bytes (codes, scales, zeros, sink, window, padding) per element it holds;
+    `effective_bits`: the same bytes per element of a cache where every layer held every position."""
+    data = (32.0 if kv.dtype == "float32" else 16.0) if isinstance(kv, DenseKV) else kv.mean_data_bits()
+    full = 2 * cfg.n_layers * rows * cfg.n_kv_heads * cfg.head_dim * tokens
+    return {"data_bits": data, "stored_bits": nbytes * 8 / elements_held(cfg, rows, tokens),
+            "effective_bits": nbytes * 8 / full}
+
+
 def bf16_bytes(model: Transformer, batch: int, tokens: int) -> int:
     """Bytes of K and V for `tokens` positions stored dense in bf16."""
     c = model.cfg
@@ -199,8 +218,7 @@ def evaluate(model: Transformer, tok: Tokenizer, text: str, *, context: int = 51
         ppl = math.exp(nll / scored)
         result.update(ppl=ppl, ppl_fp=ppl, kl_vs_fp=0.0, top1_agreement=1.0,
                       kv_cache_bytes=cache.nbytes(), kv_cache_bytes_bf16=bf16_bytes(model, n_win, context),
-                      effective_bits=cache.nbytes() * 8 / (2 * cfg.n_layers * n_win * cfg.n_kv_heads * cfg.head_dim * context),
-                      tokens_per_s=scored / dt)
+                      **bits_report(cfg, kv, cache.nbytes(), n_win, context), tokens_per_s=scored / dt)
         return result
     if not 1 <= prefill < context:
         raise KvqError(f"--prefill must be in [1, {context - 1}], got {prefill}")
@@ -220,12 +238,11 @@ def evaluate(model: Transformer, tok: Tokenizer, text: str, *, context: int = 51
     bar.close()
     nll, nll_ref, kl, top1 = (float(x) for x in sums)
     dec = n_win * n_steps
-    elems = 2 * cfg.n_layers * n_win * cfg.n_kv_heads * cfg.head_dim * context
     result.update(
         prefill=prefill, prefill_chunk=chunk, ppl=math.exp(nll / scored), ppl_fp=math.exp(nll_ref / scored),
         kl_vs_fp=kl / scored, kl_vs_fp_decoded=(kl - float(pre_kl)) / max(dec, 1),
         top1_agreement=top1 / scored, kv_cache_bytes=cache.nbytes(),
-        kv_cache_bytes_bf16=bf16_bytes(model, n_win, context), effective_bits=cache.nbytes() * 8 / elems,
+        kv_cache_bytes_bf16=bf16_bytes(model, n_win, context), **bits_report(cfg, kv, cache.nbytes(), n_win, context),
         tokens_per_s=scored / dt,
     )
     if not all(math.isfinite(result[k]) for k in ("ppl", "ppl_fp", "kl_vs_fp")):

@@ -21,7 +21,6 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from kvq_jax.allocate import layer_tokens_at
 from kvq_jax.cache import init_cache
 from kvq_jax.decode import check_prefill_chunk, generate, prefill, round_up
 from kvq_jax.errors import KvqError
@@ -125,7 +124,7 @@ def needle(model: Transformer, tok: Tokenizer, *, lengths: Sequence[int], depths
     window only).
     """
     from kvq_jax.attention import resolve_impl
-    from kvq_jax.evaluate import kv_name
+    from kvq_jax.evaluate import bits_report, kv_name
 
     cfg = model.cfg
     chunk = check_prefill_chunk(prefill_chunk)
@@ -163,8 +162,8 @@ def needle(model: Transformer, tok: Tokenizer, *, lengths: Sequence[int], depths
                           "accuracy": float(np.mean(ok[sl])),
                           "needle_at": float(np.mean([c.needle_at for c in cases[sl]])),
                           "answers": answers[sl], "keys": [c.key for c in cases[sl]]})
-        held = sum(layer_tokens_at(cfg, length)) * 2 * cfg.n_kv_heads * cfg.head_dim * len(cases)
-        per_length.append({"length": length, "kv_cache_bytes": nbytes, "stored_bits": nbytes * 8 / held})
+        per_length.append({"length": length, "kv_cache_bytes": nbytes,
+                           **bits_report(cfg, kv, nbytes, len(cases), length)})
     bar.close()
     return {
         "task": "needle", "model": cfg.name, "kv": kv_name(kv), "attention": impl,

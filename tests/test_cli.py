@@ -296,6 +296,8 @@ def test_eval_quantized_json(capsys, files):
     elems = 2 * CFG.n_layers * 2 * CFG.n_kv_heads * CFG.head_dim * 128
     assert res["kv_cache_bytes_bf16"] == elems * 2
     assert res["effective_bits"] == pytest.approx(res["kv_cache_bytes"] * 8 / elems)
+    assert res["stored_bits"] == pytest.approx(res["effective_bits"])  # every layer global: the same
+    assert res["data_bits"] == 3.0 and fp["data_bits"] == 32.0 and fp["stored_bits"] == pytest.approx(32.0, rel=1e-3)
     assert res["kv_cache_bytes"] > 0
     # the sink and ring in bf16: 2 bytes less per element of them (4 + 64 tokens, K and V, 2 rows)
     rc, out, err = cli(capsys, *common, "--kv", "K4V2", "--prefill", "8", "--residual", "64",

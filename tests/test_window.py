@@ -194,3 +194,22 @@ def test_analysis_observes_the_gemma_forward(gemma):
     plan = allocate_detailed(stats, 3.0, method="fisher", group_k=32, group_v=32, residual=32, sink=4).plan
     plan.validate(CFG)
     assert plan.mean_data_bits() <= 3.0 + 1e-12
+
+
+def test_stored_bits_count_what_local_layers_hold():
+    """A local layer holds its window only: stored bits divide by the elements really held, effective
+    bits by those of a cache where every layer held every position."""
+    from kvq_jax.evaluate import bits_report, elements_held
+    from kvq_jax.plan import DenseKV, parse_kv
+
+    cfg = tiny_config("gemma3", n_layers=3, n_kv_heads=1, sliding_window=64, local_layers=(0, 1))
+    held = elements_held(cfg, 2, 1000)
+    assert held == 2 * 2 * cfg.head_dim * (64 + 64 + 1000)
+    fp = init_cache(cfg, DenseKV("float32"), 2, 1000)
+    r = bits_report(cfg, DenseKV("float32"), fp.nbytes(), 2, 1000)
+    assert r["data_bits"] == 32.0 and r["stored_bits"] == pytest.approx(32.0, rel=1e-4)
+    assert r["effective_bits"] == pytest.approx(32.0 * held / (2 * 3 * 2 * cfg.head_dim * 1000), rel=1e-4)
+    plan = parse_kv("K4V2", 3, residual=64)
+    q = init_cache(cfg, plan, 2, 1000)
+    r = bits_report(cfg, plan, q.nbytes(), 2, 1000)
+    assert r["data_bits"] == 3.0 and r["effective_bits"] < r["stored_bits"] < 32.0
