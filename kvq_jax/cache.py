@@ -153,8 +153,7 @@ def init_cache(cfg: ModelConfig, kv: KVPlan | DenseKV, batch: int, capacity: int
     """
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise KvqError(f"chunk must be a positive number of tokens, got {chunk!r}")
-    if batch < 1 or capacity < 1:
-        raise KvqError(f"cache needs batch >= 1 and capacity >= 1, got batch={batch}, capacity={capacity}")
+    _check_size(batch, capacity)
     if mesh is None:
         return _empty_cache(cfg, kv, batch, capacity, dtype, chunk, None)
     from kvq_jax import sharding
@@ -166,23 +165,24 @@ def init_cache(cfg: ModelConfig, kv: KVPlan | DenseKV, batch: int, capacity: int
                    out_shardings=sharding.cache_shardings(shape))()
 
 
+def _check_size(batch: int, capacity: int) -> None:
+    if batch < 1 or capacity < 1:
+        raise KvqError(f"cache needs batch >= 1 and capacity >= 1, got batch={batch}, capacity={capacity}")
+
+
 def cache_bytes(cfg: ModelConfig, kv: KVPlan | DenseKV, batch: int, capacity: int,
                 dtype: jnp.dtype = jnp.float32, mesh: Any = None, rules: Any = None) -> int:
     """Bytes one device would hold of `init_cache(...)`'s cache (the most any device holds), from
     shapes alone: nothing is allocated, so any model's config and context can be planned."""
-    if batch < 1 or capacity < 1:
-        raise KvqError(f"cache needs batch >= 1 and capacity >= 1, got batch={batch}, capacity={capacity}")
-    p = None
-    if mesh is not None:
-        from kvq_jax import sharding
-
-        p = sharding.placement(mesh, cfg, batch, rules)
-    shape = jax.eval_shape(lambda: _empty_cache(cfg, kv, batch, capacity, dtype, None, p))
-    leaves = jax.tree_util.tree_leaves(shape)
-    if p is None:
-        return int(sum(x.size * x.dtype.itemsize for x in leaves))
+    _check_size(batch, capacity)
+    if mesh is None:
+        shape = jax.eval_shape(lambda: _empty_cache(cfg, kv, batch, capacity, dtype, None, None))
+        return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shape)))
     from kvq_jax import sharding
 
+    p = sharding.placement(mesh, cfg, batch, rules)
+    shape = jax.eval_shape(lambda: _empty_cache(cfg, kv, batch, capacity, dtype, None, p))
+    leaves = jax.tree_util.tree_leaves(shape)
     shardings = jax.tree_util.tree_leaves(sharding.cache_shardings(shape))
     # NamedShardings of evenly divided axes: every device holds a shard of the same shape.
     return int(sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in zip(leaves, shardings)))

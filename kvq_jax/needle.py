@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from kvq_jax.cache import init_cache
 from kvq_jax.decode import check_prefill_chunk, generate, prefill, round_up
 from kvq_jax.errors import KvqError
+from kvq_jax.evaluate import bits_report, kv_name
 from kvq_jax.model import Transformer
 from kvq_jax.plan import DenseKV, KVPlan
 from kvq_jax.tokenizer import Tokenizer
@@ -124,7 +125,6 @@ def needle(model: Transformer, tok: Tokenizer, *, lengths: Sequence[int], depths
     window only).
     """
     from kvq_jax.attention import resolve_impl
-    from kvq_jax.evaluate import bits_report, kv_name
 
     cfg = model.cfg
     chunk = check_prefill_chunk(prefill_chunk)
