@@ -6,7 +6,8 @@
 `ttft`: time to the first token of turn 2 (a 40-token user turn after a history of N tokens), with the
 cache of turn 1 continued vs the whole history re-prefilled from an empty cache; both compiled first.
 `prefill`: prefill time and the process's peak RSS for an N-token prompt, one shot and in chunks (each
-configuration in its own subprocess, so RSS is its own). One JSON line per measurement.
+configuration in its own subprocess, so RSS is its own; `--protocol exact|cached` for the chunks). One
+JSON line per measurement.
 """
 
 from __future__ import annotations
@@ -82,12 +83,13 @@ def prefill_one(args) -> None:
     n = args.tokens[0]
     rows = [_ids(tok, args.text, n)]
     run = lambda: jax.block_until_ready(prefill(model, rows, kvq_jax.init_cache(model.cfg, kv, 1, n + 64),
-                                                chunk=args.chunk))
+                                                chunk=args.chunk, protocol=args.protocol))
     run()  # compiles
     t0 = time.perf_counter()
     logits, _ = run()
     dt = time.perf_counter() - t0
-    emit({"bench": "prefill", "kv": args.kv[0], "tokens": n, "prefill_chunk": args.chunk, "prefill_s": dt,
+    emit({"bench": "prefill", "kv": args.kv[0], "tokens": n, "prefill_chunk": args.chunk,
+          "prefill_protocol": args.protocol if args.chunk else "one shot", "prefill_s": dt,
           "tokens_per_s": n / dt, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
           "finite": bool(np.isfinite(np.asarray(logits)).all())}, args.out)
 
@@ -101,6 +103,7 @@ def main() -> None:
     ap.add_argument("--histories", type=int, nargs="+", default=[500, 2000, 6000])
     ap.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
     ap.add_argument("--chunks", type=int, nargs="+", default=[0, 512])
+    ap.add_argument("--protocol", default="exact", choices=("exact", "cached"), help="chunked prefill protocol")
     ap.add_argument("what", choices=("ttft", "prefill", "_prefill_one"))
     args = ap.parse_args()
     if args.what == "ttft":
@@ -112,7 +115,7 @@ def main() -> None:
             for n in args.tokens:
                 for c in args.chunks:
                     subprocess.run([sys.executable, __file__, "--text", args.text, "--kv", kv, "--tokens", str(n),
-                                    "--chunk", str(c), *(["--out", args.out] if args.out else []), "_prefill_one"], check=True)
+                                    "--chunk", str(c), "--protocol", args.protocol, *(["--out", args.out] if args.out else []), "_prefill_one"], check=True)
 
 
 if __name__ == "__main__":

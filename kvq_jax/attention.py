@@ -300,24 +300,27 @@ def read_quantized(q: Array, layer: QuantLayer, lengths: Array, impl: str,
     q `[B, Hkv, R, D]` pre-scaled (R query rows per KV head: the GQA heads of one or more tokens).
     The sink, the packed body and the recent ring are attended separately and LSE-merged. Inside
     `shard_map` with the body split along mesh axis `seq`, `layer` holds this device's body slice
-    (`body_capacity` tokens from body token `axis_index * body_capacity`) and the slices' partial
-    results are merged across devices.
+    (`body_capacity` tokens from body token `axis_index * body_capacity`) and, when the ring is split
+    too (`ring_split`), its slice of the ring; the slices' partial results are merged across devices.
     """
     s, r = layer.sink, layer.residual
     parts = [_segment(q, layer.sink_k, layer.sink_v, jnp.arange(s)[None, :] < lengths[:, None])] if s else []
     n_quant = kvcache.quantized_count(layer, lengths)
-    n_body = jnp.clip(n_quant - _slice_start(seq, layer.body_capacity), 0, layer.body_capacity)
+    body_start, ring_seq, ring_start = kvcache.slice_of(layer, seq)
+    n_body = jnp.clip(n_quant - body_start, 0, layer.body_capacity)
     dense_body = layer.k.spec.dense or layer.v.spec.dense
     if impl in ("xla", DIFFERENTIABLE) or dense_body or q.shape[2] > _KERNEL_ROWS:
-        parts += _across(packed_xla(q, layer, n_body, impl == DIFFERENTIABLE), seq)
+        body = packed_xla(q, layer, n_body, impl == DIFFERENTIABLE)
     else:
-        parts += _across(packed_pallas(q, layer, n_body, interpret=impl == "pallas_interpret"), seq)
-    if r:
-        m = jnp.maximum(lengths - s, 0)
-        i = jnp.arange(r)[None, :]
-        j = n_quant[:, None] + (i - n_quant[:, None]) % r  # body token held by ring slot i
-        parts.append(_segment(q, layer.recent_k, layer.recent_v, j < m[:, None]))
-    return merge(parts)
+        body = packed_pallas(q, layer, n_body, interpret=impl == "pallas_interpret")
+    if not r:
+        return merge(parts + _across(body, seq))
+    m = jnp.maximum(lengths - s, 0)
+    i = jnp.arange(layer.recent_k.shape[2])[None, :] + ring_start
+    j = n_quant[:, None] + (i - n_quant[:, None]) % r  # body token held by ring slot i
+    ring = _segment(q, layer.recent_k, layer.recent_v, j < m[:, None])
+    # A split ring is merged with this device's body slice before crossing: one partial per device.
+    return merge(parts + (_across(merge([body, ring]), seq) if ring_seq else _across(body, seq) + [ring]))
 
 
 # ----------------------------------------------------------------------------- new tokens
@@ -387,28 +390,48 @@ def attention(q: Array, k: Array, v: Array, layer: LayerCache, lengths: Array, n
     over `model`, and a global layer's tokens over `seq` (context parallelism: each device attends over
     its own slice and writes the flushes that land in it).
     """
+    heads = lambda p: p.spec(("batch", None, "kv_heads", "head_dim"))
+    return _on_devices(layer, lambda lay, seq, *a: _attend(*a[:3], lay, *a[3:], impl, scale, seq),
+                       (q, k, v, lengths, n_new), lambda p: (heads(p),) * 3 + (p.spec(("batch",)),) * 2, heads)
+
+
+def store(layer: LayerCache, k: Array, v: Array, lengths: Array, n_new: Array) -> LayerCache:
+    """Writes the first `n_new[b]` of k, v `[B, H, T, D]` (RoPE applied) at positions `lengths[b] + t`
+    without attending: what `attention` would store for the same K/V (rotated as the layer says), on
+    one device or the layer's mesh."""
+    if isinstance(layer, QuantLayer) and layer.rotate == "hadamard":
+        rot = jnp.asarray(hadamard(k.shape[-1]), jnp.float32)
+        k, v = k @ rot, v @ rot
+    cache_spec = lambda p: p.spec(("batch", "kv_heads", None, "head_dim"))
+    return _on_devices(layer, lambda lay, seq, *a: (None, kvcache.write(lay, *a, seq=seq)), (k, v, lengths, n_new),
+                       lambda p: (cache_spec(p),) * 2 + (p.spec(("batch",)),) * 2, None)[1]
+
+
+def _on_devices(layer: LayerCache, fn: Callable, args: tuple, arg_specs: Callable, out_spec: Callable | None):
+    """`fn(layer, seq, *args) -> (out, layer)` on the layer's mesh (`layer.placement`) inside
+    `shard_map`: rows over `data`, KV heads over `model`, a global layer's tokens over `seq` (the axis
+    passed as `seq`, None when its tokens are not split); directly when the layer has no mesh.
+    `arg_specs(placement)` and `out_spec(placement)` give the PartitionSpecs of args and out."""
     p = layer.placement
     if p is None:
-        return _attend(q, k, v, layer, lengths, n_new, impl, scale, None)
+        return fn(layer, None, *args)
     from kvq_jax.sharding import layer_specs
 
     seq = p.axis("cache_tokens") if layer.shards > 1 else None
-    heads = p.spec(("batch", None, "kv_heads", "head_dim"))
-    rows = p.spec(("batch",))
     specs = layer_specs(layer)
     local_cap = layer.body_capacity // layer.shards if isinstance(layer, QuantLayer) else None
 
-    def local(q, k, v, lay, lengths, n_new):
+    def local(lay, *a):
         view = lay.replace(placement=None)
         if local_cap is not None:
             view = view.replace(body_capacity=local_cap)
-        out, new = _attend(q, k, v, view, lengths, n_new, impl, scale, seq)
+        out, new = fn(view, seq, *a)
         new = new.replace(placement=p)
         return out, (new.replace(body_capacity=layer.body_capacity) if local_cap is not None else new)
 
-    fn = jax.shard_map(local, mesh=p.mesh, in_specs=(heads, heads, heads, specs, rows, rows),
-                       out_specs=(heads, specs), check_vma=False)
-    return fn(q, k, v, layer, lengths, n_new)
+    out_specs = (None if out_spec is None else out_spec(p), specs)
+    return jax.shard_map(local, mesh=p.mesh, in_specs=(specs, *arg_specs(p)), out_specs=out_specs,
+                         check_vma=False)(layer, *args)
 
 
 def _attend(q: Array, k: Array, v: Array, layer: LayerCache, lengths: Array, n_new: Array,
@@ -457,7 +480,8 @@ def _attend(q: Array, k: Array, v: Array, layer: LayerCache, lengths: Array, n_n
         kc, vc = (kh, vh) if rot is None else (kh @ rot, vh @ rot)
         # The body is flushed first (it only changes past what is read: the old Q(n) packed tokens),
         # then the old sink and ring are read, then overwritten.
-        flushed = kvcache.flush(layer, kc, vc, lengths, n_new, _slice_start(seq, layer.body_capacity))
+        body_start, ring_seq, ring_start = kvcache.slice_of(layer, seq)
+        flushed = kvcache.flush(layer, kc, vc, lengths, n_new, body_start, ring_seq)
 
         def block(qb: Array, q_tok: Array) -> Array:
             o, lse = read_quantized(qb if rot is None else qb @ rot, flushed, lengths, impl, seq)
@@ -465,6 +489,6 @@ def _attend(q: Array, k: Array, v: Array, layer: LayerCache, lengths: Array, n_n
             return merge([cached, causal_new(qb, kh, vh, q_tok, n_new)])[0]
 
         out = _by_query_blocks(qh, rep, t, block)
-        layer = kvcache.write_window(flushed, kc, vc, lengths, n_new)
+        layer = kvcache.write_window(flushed, kc, vc, lengths, n_new, ring_start)
     out = out.reshape(b, hkv, t, rep, d).transpose(0, 2, 1, 3, 4).reshape(b, t, hq, d)
     return out.astype(q.dtype), layer

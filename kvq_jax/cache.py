@@ -63,7 +63,8 @@ class QuantLayer:
     depends on the context. On a mesh (`placement`) with `shards` S > 1 (global layers only), the body
     is S self-contained bodies of `body_capacity / S` tokens laid end to end (words, scales and zeros
     each with their own spare rows), body token j in slice `j // (body_capacity / S)`, one per `seq`
-    device.
+    device; so is the recent ring when `shards` divides R (`ring_split`): device i holds ring slots
+    `[i * R / S, (i + 1) * R / S)`.
     """
 
     sink_k: Array
@@ -84,6 +85,12 @@ class QuantLayer:
 
 
 LayerCache = Union[DenseLayer, QuantLayer]
+
+
+def ring_split(layer: QuantLayer) -> bool:
+    """Whether the layer's recent ring is split along `seq` like its body (its R slots divide over the
+    shards): its memory then shrinks with the mesh too; only a flush gathers it, R tokens at a time."""
+    return layer.shards > 1 and layer.residual > 0 and layer.residual % layer.shards == 0
 
 
 @flax.struct.dataclass
@@ -128,9 +135,9 @@ def loop_chunk_target(rows: int) -> int:
 def _packed_tensor(spec: QuantSpec, b: int, h: int, nb: int, d: int, block: int,
                    dtype: jnp.dtype, scale_dtype: jnp.dtype, shards: int = 1) -> PackedTensor:
     """An empty body of `shards` slices of `nb` tokens each, end to end along the token axis."""
-    if spec.dense:
-        empty = jnp.zeros((b, h, 0, 1), scale_dtype)
-        return PackedTensor(jnp.zeros((b, h, shards * nb, d), dtype), empty, empty, spec)
+    if spec.dense:  # two distinct empty arrays: one buffer twice in a cache cannot be donated
+        empty = lambda: jnp.zeros((b, h, 0, 1), scale_dtype)
+        return PackedTensor(jnp.zeros((b, h, shards * nb, d), dtype), empty(), empty(), spec)
     words = jnp.zeros((b, h, shards * packing.num_words(nb, spec.bits, spare=True), d), jnp.uint32)
     if spec.axis == "channel":
         shape = (b, h, shards * (nb // spec.group + 1), d)
@@ -335,12 +342,26 @@ def _store_body(t: PackedTensor, x: Array, start: Array, live: Array, reuse: boo
                      zero=_scatter(t.zero, z, rows, rows_live))
 
 
-def write(layer: LayerCache, k: Array, v: Array, lengths: Array, n_new: Array) -> LayerCache:
+def slice_of(layer: QuantLayer, seq: str | None) -> tuple[Array | int, str | None, Array | int]:
+    """Inside `shard_map` with the layer split along mesh axis `seq` (None: not split): this device's
+    first body token, the axis its split ring is gathered over when flushing (None: whole ring
+    here), and its first ring slot."""
+    if seq is None:
+        return 0, None, 0
+    i = jax.lax.axis_index(seq)
+    if not ring_split(layer):
+        return i * layer.body_capacity, None, 0
+    return i * layer.body_capacity, seq, i * layer.recent_k.shape[2]
+
+
+def write(layer: LayerCache, k: Array, v: Array, lengths: Array, n_new: Array,
+          seq: str | None = None) -> LayerCache:
     """Stores the first `n_new[b]` of k, v `[B, H, T, D]` at positions `lengths[b] + t`.
 
     The one write of the cache, for any T at any fill: `write_window(flush(...))` for a quantized
-    layer. A row with `n_new[b] == 0` is left exactly as it was. Positions at or past the capacity are
-    dropped, never wrapped: callers check the capacity before launch.
+    layer (`seq`: the mesh axis its body is split along, inside `shard_map`). A row with `n_new[b] == 0`
+    is left exactly as it was. Positions at or past the capacity are dropped, never wrapped: callers
+    check the capacity before launch.
     """
     if isinstance(layer, DenseLayer):
         pos, valid = _positions(k, lengths, n_new)
@@ -349,7 +370,8 @@ def write(layer: LayerCache, k: Array, v: Array, lengths: Array, n_new: Array) -
             valid = valid & (pos >= (lengths + n_new)[:, None] - c)
             pos = pos % c
         return layer.replace(k=_scatter(layer.k, k, pos, valid), v=_scatter(layer.v, v, pos, valid))
-    return write_window(flush(layer, k, v, lengths, n_new), k, v, lengths, n_new)
+    body_start, ring_seq, ring_start = slice_of(layer, seq)
+    return write_window(flush(layer, k, v, lengths, n_new, body_start, ring_seq), k, v, lengths, n_new, ring_start)
 
 
 def _positions(k: Array, lengths: Array, n_new: Array) -> tuple[Array, Array]:
@@ -359,7 +381,7 @@ def _positions(k: Array, lengths: Array, n_new: Array) -> tuple[Array, Array]:
 
 
 def flush(layer: QuantLayer, k: Array, v: Array, lengths: Array, n_new: Array,
-          body_start: Array | int = 0) -> QuantLayer:
+          body_start: Array | int = 0, seq: str | None = None) -> QuantLayer:
     """The packed-body half of `write`: quantizes every body block the ring overflows into.
 
     Body blocks `[Q(n), Q(n + n_new))` are taken, in order, from the ring (old tokens) and from the new
@@ -367,6 +389,8 @@ def flush(layer: QuantLayer, k: Array, v: Array, lengths: Array, n_new: Array,
     the first Q(n) body tokens sees them as before (attention reads the old cache through this).
     `body_start`: the layer holds body tokens `[body_start, body_start + body_capacity)` only (one
     device's slice of a body split along the mesh's `seq` axis); blocks outside it are not stored.
+    `seq`: the mesh axis this device's slice of a split ring (`ring_split`) is gathered over when a
+    block is flushed (inside `shard_map`), None when the layer holds its whole ring.
     """
     s, r, g = layer.sink, layer.residual, layer.block
     t = k.shape[2]
@@ -376,6 +400,9 @@ def flush(layer: QuantLayer, k: Array, v: Array, lengths: Array, n_new: Array,
     def tokens(lay: QuantLayer, j: Array) -> tuple[Array, Array]:
         """K, V `[B, H, F, D]` of body tokens j `[B, F]`: in ring slot j % R while j < m0, else new
         token j + S - lengths."""
+        if seq is not None:  # the whole ring, only on the steps that flush
+            whole = lambda x: jax.lax.all_gather(x, seq, axis=2, tiled=True)
+            lay = lay.replace(recent_k=whole(lay.recent_k), recent_v=whole(lay.recent_v))
         src = jnp.where(j < m0[:, None], j % max(r, 1), r + j + s - lengths[:, None])
         src = jnp.clip(src, 0, r + t - 1)[:, None, :, None]
 
@@ -413,10 +440,11 @@ def flush(layer: QuantLayer, k: Array, v: Array, lengths: Array, n_new: Array,
     return jax.lax.cond(jnp.any(q1 > q0), run_ring if layer.window else run, lambda lay: lay, layer)
 
 
-def write_window(layer: QuantLayer, k: Array, v: Array, lengths: Array, n_new: Array) -> QuantLayer:
+def write_window(layer: QuantLayer, k: Array, v: Array, lengths: Array, n_new: Array,
+                 ring_start: Array | int = 0) -> QuantLayer:
     """The full-precision half of `write`: new positions below S go to the sink, and the newest R
     body tokens of the call to the ring (body token j in slot j % R), after `flush` took what they
-    overwrite."""
+    overwrite. `ring_start`: the layer holds ring slots from `ring_start` on only (a split ring)."""
     s, r = layer.sink, layer.residual
     pos, valid = _positions(k, lengths, n_new)
     if s:  # a 0-token sink has nothing to write
@@ -428,6 +456,7 @@ def write_window(layer: QuantLayer, k: Array, v: Array, lengths: Array, n_new: A
         m1 = jnp.maximum(lengths + n_new - s, 0)
         # Only the newest R body tokens of the call reach the ring, so a slot is written at most once.
         ring = valid & (j >= 0) & (j >= m1[:, None] - r)
-        layer = layer.replace(recent_k=_scatter(layer.recent_k, k, j % r, ring),
-                              recent_v=_scatter(layer.recent_v, v, j % r, ring))
+        slot = j % r - ring_start
+        layer = layer.replace(recent_k=_scatter(layer.recent_k, k, slot, ring),
+                              recent_v=_scatter(layer.recent_v, v, slot, ring))
     return layer

@@ -76,12 +76,17 @@ def _common(p: argparse.ArgumentParser, kv: bool = True) -> None:
         p.add_argument("--process-id", type=_nonneg_int)
 
 
-def _prefill_chunk(p: argparse.ArgumentParser, default: int | None, what: str) -> None:
+def _prefill_chunk(p: argparse.ArgumentParser, default: int | None, what: str, protocol: bool = True) -> None:
     shown = "the library default, see the README" if default is None else default
     p.add_argument("--prefill-chunk", type=_nonneg_int, default=default,
-                   help=f"{what} in calls of N tokens; 0 = one shot (default: {shown}). One shot attends to "
-                        "the prompt at full precision; chunks attend to the already-quantized earlier chunks, "
-                        "as decoding does")
+                   help=f"{what} in calls of N tokens; 0 = one shot (default: {shown})")
+    if protocol:
+        from kvq_jax.staging import DEFAULT_PROTOCOL, PROTOCOLS
+
+        p.add_argument("--prefill-protocol", choices=PROTOCOLS, default=DEFAULT_PROTOCOL,
+                       help="what the chunks of a prompt attend to: exact = the earlier chunks at full precision, "
+                            "as one shot does (same numbers; holds the prompt's K/V at full precision until "
+                            "it is in); cached = the quantized cache, as decoding does (least memory)")
 
 
 def _sampling(p: argparse.ArgumentParser) -> None:
@@ -111,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--capacity", type=_positive_int, help="cache positions (default: the model's context)")
     c.add_argument("--system", help="system prompt (default: the chat template's own)")
     _sampling(c)
-    _prefill_chunk(c, 64, "feed each turn")
+    _prefill_chunk(c, 64, "feed each turn", protocol=False)
     _common(c)
 
     e = sub.add_parser("eval", help="perplexity (and KL / top-1 vs the fp cache with --kv), or needle retrieval")
@@ -258,7 +263,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stream = None if args.json else TextStream(tok, _write)
     res = generate(model, [ids], max_new_tokens=args.max_new_tokens, kv=kv, sampler=sampler,
                    seed=args.seed, attention_impl=args.attention, stream=stream,
-                   prefill_chunk=args.prefill_chunk, mesh=_mesh(args, 1))
+                   prefill_chunk=args.prefill_chunk, prefill_protocol=args.prefill_protocol, mesh=_mesh(args, 1))
     reply = tok.decode(res.tokens[0])
     if args.json:
         _print_json({"model": model.cfg.name, "kv": kv_name(kv), "prompt": args.prompt, "reply": reply,
@@ -335,7 +340,7 @@ def cmd_needle(args: argparse.Namespace) -> int:
     for label, plan in caches:
         r = needle(model, tok, lengths=lengths, depths=depths, trials=args.trials, kv=plan, filler_text=filler,
                    seed=args.seed, batch=args.batch, prefill_chunk=args.prefill_chunk,
-                   attention_impl=args.attention, progress=not args.no_progress)
+                   prefill_protocol=args.prefill_protocol, attention_impl=args.attention, progress=not args.no_progress)
         runs.append({"label": label, **r})
     if args.heatmap:
         heatmap(runs, args.heatmap)
@@ -361,7 +366,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     kv = _kv(args, model.cfg.n_layers)
     res = evaluate(model, tok, text, context=args.context, windows=args.windows, kv=kv,
                    prefill=args.prefill, attention_impl=args.attention, progress=not args.no_progress,
-                   prefill_chunk=args.prefill_chunk, mesh=_mesh(args, args.windows))
+                   prefill_chunk=args.prefill_chunk, prefill_protocol=args.prefill_protocol,
+                   mesh=_mesh(args, args.windows))
     if args.json:
         _print_json(res)
     else:
@@ -386,7 +392,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tokens = np.asarray(ids[:need], np.int32).reshape(args.batch, args.context)
     res = bench(model, batch=args.batch, context=args.context, new_tokens=args.new_tokens, kv=kv,
                 attention_impl=args.attention, seed=args.seed, tokens=tokens, prefill_chunk=args.prefill_chunk,
-                mesh=_mesh(args, args.batch))
+                prefill_protocol=args.prefill_protocol, mesh=_mesh(args, args.batch))
     if args.json:
         _print_json(res)
     else:

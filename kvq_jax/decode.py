@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kvq_jax import staging
 from kvq_jax.cache import KVCache, check_room, init_cache
 from kvq_jax.errors import KvqError
 from kvq_jax.model import Transformer
@@ -54,19 +55,28 @@ def _prefill_step(graphdef, state, tokens: Array, n_new: Array, cache: KVCache, 
     return jnp.where((n_new > 0)[:, None], logits, last), cache
 
 
+@functools.partial(jax.jit, donate_argnames=("rest",))
+def _absorb(rest: KVCache, staged: KVCache, n: Array) -> KVCache:
+    return staging.absorb(rest, staged, n)
+
+
 def prefill(model: Transformer, prompts: Sequence[Sequence[int]], cache: KVCache, *, chunk: int | None = None,
-            attention_impl: str = "auto") -> tuple[Array, KVCache]:
+            attention_impl: str = "auto", protocol: str | None = None) -> tuple[Array, KVCache]:
     """Appends each row's prompt to its cached history; returns the logits `[B, V]` of each row's last
     prompt token and the cache (the cache passed in is donated: use the returned one).
 
     `chunk` 0 feeds the prompts in one call (None: `DEFAULT_PREFILL_CHUNK`), padded to a multiple of
     64 tokens so similar lengths share a compiled step; else in calls of `chunk` tokens each (or one
     padded call if the longest prompt is shorter), all compiled once. Rows may be
-    empty; a row whose prompts are all empty gets logits 0.
+    empty; a row whose prompts are all empty gets logits 0. `protocol` (`staging`): "exact" (default)
+    lets the chunks of a prompt fed into an empty cache attend to each other at full precision, as one
+    call does; "cached" lets them read the earlier chunks from the quantized cache, as decoding does
+    (a continued cache always does: its history is stored quantized).
     """
     from kvq_jax.attention import resolve_impl
 
     chunk = check_prefill_chunk(chunk)
+    protocol = staging.check_protocol(protocol)
     longest = max((len(p) for p in prompts), default=0)
     if len(prompts) != cache.batch:
         raise KvqError(f"{len(prompts)} prompts for a cache of {cache.batch} rows")
@@ -81,10 +91,15 @@ def prefill(model: Transformer, prompts: Sequence[Sequence[int]], cache: KVCache
     graphdef, state = nnx.split(model)
     impl = resolve_impl(attention_impl)
     last = jnp.zeros((len(prompts), model.cfg.vocab_size), jnp.float32)
+    staged = n_calls > 1 and protocol == "exact" and staging.can_stage(cache, to_host(cache.lengths))
+    if staged:
+        cache, rest = staging.stage(cache, n_calls * width, model.embed.get_value().dtype)
     for c in range(n_calls):  # over chunks of the prompt, each one compiled call
         n_new = jnp.asarray(np.clip(n - c * width, 0, width), jnp.int32)
         last, cache = _prefill_step(graphdef, state, jnp.asarray(toks[:, c * width:(c + 1) * width]), n_new,
                                     cache, last, impl=impl)
+    if staged:
+        cache = _absorb(rest, cache, jnp.asarray(n, jnp.int32))
     return last, cache
 
 
@@ -152,13 +167,15 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
              kv: KVPlan | DenseKV | None = None, sampler: SamplerConfig = SamplerConfig(),
              seed: int = 0, attention_impl: str = "auto", stream: StreamFn | None = None,
              capacity: int | None = None, cache: KVCache | None = None,
-             prefill_chunk: int | None = None, mesh: Any = None, rules: Any = None) -> GenerationResult:
+             prefill_chunk: int | None = None, mesh: Any = None, rules: Any = None,
+             prefill_protocol: str | None = None) -> GenerationResult:
     """Generates up to `max_new_tokens` for each prompt (a batch of token-id lists, ragged).
 
     With `cache` (e.g. a previous `GenerationResult.cache`), each row's prompt is appended to that
     row's cached history; the cache is donated (use the returned one) and `capacity` is its own.
     `kv` (default: the fp32 dense cache) builds a new cache, or must match the one given.
-    `prefill_chunk`: 0 feeds the prompts in one call, N > 0 in calls of N tokens.
+    `prefill_chunk`: 0 feeds the prompts in one call, N > 0 in calls of N tokens (`prefill_protocol`:
+    see `prefill`).
     `stream(tokens [B], emitted [B])` is called from inside the compiled loop at every step; the loop
     is compiled per stream callable, so pass the same one to reuse it.
     `mesh` (`kvq_jax.make_mesh`; `rules`: `ShardingRules`) runs on several devices: the parameters
@@ -173,6 +190,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     if not 0 <= seed <= 2**32 - 1:
         raise KvqError(f"--seed must be in [0, {2**32 - 1}], got {seed}")
     prefill_chunk = check_prefill_chunk(prefill_chunk)
+    prefill_protocol = staging.check_protocol(prefill_protocol)
     lengths = np.zeros(len(prompts), np.int64) if cache is None else to_host(cache.lengths).astype(np.int64)
     n = np.asarray([len(p) for p in prompts], np.int64)
     need = int((lengths + n).max()) + max_new_tokens
@@ -198,7 +216,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     if cache is None:
         cache = init_cache(cfg, DenseKV("float32") if kv is None else kv, len(prompts), capacity,
                            model.embed.get_value().dtype, mesh=mesh, rules=rules)
-    logits, cache = prefill(model, prompts, cache, chunk=prefill_chunk, attention_impl=attention_impl)
+    logits, cache = prefill(model, prompts, cache, chunk=prefill_chunk, attention_impl=attention_impl,
+                            protocol=prefill_protocol)
     from kvq_jax.attention import resolve_impl
 
     graphdef, state = nnx.split(model)

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from kvq_jax import staging
 from kvq_jax.cache import init_cache
 from kvq_jax.config import ModelConfig
 from kvq_jax.errors import KvqError
@@ -97,12 +98,16 @@ def _full_forward_nll(graphdef, state, tokens: Array, cache) -> Array:
     return _score(model, h[:, :-1], h[:, :-1], tokens[:, 1:], valid)[0]
 
 
-def _prefill_chunked(model: Transformer, tokens: Array, cache, chunk: int, impl: str):
-    """Hidden states `[B, P, dim]` of tokens `[B, P]` fed in calls of `chunk` (0: one call)."""
+def _prefill_chunked(model: Transformer, tokens: Array, cache, chunk: int, impl: str, protocol: str):
+    """Hidden states `[B, P, dim]` of tokens `[B, P]` fed into the empty `cache` in calls of `chunk`
+    (0: one call), under the `staging` protocol."""
     b, p = tokens.shape
     if chunk == 0 or chunk >= p:
         return model.hidden(tokens, cache, attention_impl=impl)
     n = -(-p // chunk)
+    staged = protocol == "exact" and staging.can_stage(cache, np.zeros(b))
+    if staged:
+        cache, rest = staging.stage(cache, n * chunk, model.embed.get_value().dtype)
     xs = jnp.pad(tokens, ((0, 0), (0, n * chunk - p))).reshape(b, n, chunk).transpose(1, 0, 2)
 
     def step(cache, a):
@@ -111,15 +116,17 @@ def _prefill_chunked(model: Transformer, tokens: Array, cache, chunk: int, impl:
         return model.hidden(x, cache, n_new, attention_impl=impl)[::-1]
 
     cache, h = jax.lax.scan(step, cache, (xs, jnp.arange(n)))  # h [n, B, chunk, dim]
+    if staged:
+        cache = staging.absorb(rest, cache, jnp.full((b,), p, jnp.int32))
     return h.transpose(1, 0, 2, 3).reshape(b, n * chunk, -1)[:, :p], cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "prefill", "chunk", "impl", "progress"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "prefill", "chunk", "impl", "progress", "protocol"))
 def _teacher_forced(graphdef, state, tokens: Array, cache, ref_cache, *, prefill: int, chunk: int, impl: str,
-                    progress: Callable[[Array], None] | None):
+                    progress: Callable[[Array], None] | None, protocol: str):
     """Runs the cache and the fp reference cache side by side; returns summed statistics."""
     model = nnx.merge(graphdef, state)
-    h, cache = _prefill_chunked(model, tokens[:, :prefill], cache, chunk, impl)
+    h, cache = _prefill_chunked(model, tokens[:, :prefill], cache, chunk, impl, protocol)
     h_ref, ref_cache = model.hidden(tokens[:, :prefill], ref_cache)
     target = tokens[:, 1: prefill + 1]
     sums = _score(model, h, h_ref, target, jnp.ones(target.shape, bool))
@@ -174,20 +181,24 @@ def bf16_bytes(model: Transformer, batch: int, tokens: int) -> int:
 def evaluate(model: Transformer, tok: Tokenizer, text: str, *, context: int = 512, windows: int = 6,
              kv: KVPlan | DenseKV = DenseKV("float32"), prefill: int = 64, attention_impl: str = "auto",
              progress: bool = True, model_name: str | None = None,
-             prefill_chunk: int | None = None, mesh: Any = None, rules: Any = None) -> dict[str, Any]:
+             prefill_chunk: int | None = None, mesh: Any = None, rules: Any = None,
+             prefill_protocol: str | None = None) -> dict[str, Any]:
     """Scores the text; returns the JSON-ready result dict.
 
     `mesh` (`kvq_jax.make_mesh`) spreads the windows (rows), heads and cache tokens over devices as
     `rules` say; the parameters are laid out on it in place.
 
     `prefill_chunk` feeds the `prefill` tokens in calls of that many tokens (0: one call; None: the
-    library default): one shot attends to them at full precision, chunks to the quantized earlier
-    chunks, as decoding does.
+    library default). One shot attends to them at full precision; so do chunks under
+    `prefill_protocol` "exact" (the default: a staged full-precision copy of the prompt's K/V, the
+    numbers of one shot), while under "cached" chunks attend to the quantized earlier chunks, as
+    decoding does.
     """
     from kvq_jax.attention import resolve_impl
     from kvq_jax.decode import check_prefill_chunk
 
     chunk = check_prefill_chunk(prefill_chunk)
+    protocol = staging.check_protocol(prefill_protocol)
 
     impl = resolve_impl(attention_impl)
     if context > model.cfg.max_seq_len:
@@ -229,7 +240,7 @@ def evaluate(model: Transformer, tok: Tokenizer, text: str, *, context: int = 51
                unit="tok", leave=False)
     cb = (lambda t: bar.update(1)) if progress else None
     fn = _teacher_forced.lower(graphdef, state, tokens, cache, ref, prefill=prefill, chunk=chunk,
-                               impl=impl, progress=cb).compile()
+                               impl=impl, progress=cb, protocol=protocol).compile()
     t0 = time.perf_counter()
     sums, pre_kl, cache = fn(state, tokens, cache, ref)
     sums = to_host(jax.block_until_ready(sums))
@@ -239,7 +250,7 @@ def evaluate(model: Transformer, tok: Tokenizer, text: str, *, context: int = 51
     nll, nll_ref, kl, top1 = (float(x) for x in sums)
     dec = n_win * n_steps
     result.update(
-        prefill=prefill, prefill_chunk=chunk, ppl=math.exp(nll / scored), ppl_fp=math.exp(nll_ref / scored),
+        prefill=prefill, prefill_chunk=chunk, prefill_protocol=protocol if 0 < chunk < prefill else "one shot", ppl=math.exp(nll / scored), ppl_fp=math.exp(nll_ref / scored),
         kl_vs_fp=kl / scored, kl_vs_fp_decoded=(kl - float(pre_kl)) / max(dec, 1),
         top1_agreement=top1 / scored, kv_cache_bytes=cache.nbytes(),
         kv_cache_bytes_bf16=bf16_bytes(model, n_win, context), **bits_report(cfg, kv, cache.nbytes(), n_win, context),

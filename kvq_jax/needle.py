@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from kvq_jax import staging
 from kvq_jax.cache import init_cache
 from kvq_jax.decode import check_prefill_chunk, generate, prefill, round_up
 from kvq_jax.errors import KvqError
@@ -116,7 +117,8 @@ def first_number(text: str) -> str | None:
 def needle(model: Transformer, tok: Tokenizer, *, lengths: Sequence[int], depths: Sequence[float],
            trials: int = 2, kv: KVPlan | DenseKV = DenseKV("float32"), filler_text: str | None = None,
            seed: int = 0, max_new_tokens: int = 12, batch: int = 8, prefill_chunk: int | None = None,
-           attention_impl: str = "auto", progress: bool = True) -> dict[str, Any]:
+           attention_impl: str = "auto", progress: bool = True,
+           prefill_protocol: str | None = None) -> dict[str, Any]:
     """Runs the grid `lengths` x `depths` x `trials` with cache `kv`; returns the JSON-ready result.
 
     `batch` cases go through the model together (one compiled prefill and decode per length).
@@ -128,6 +130,7 @@ def needle(model: Transformer, tok: Tokenizer, *, lengths: Sequence[int], depths
 
     cfg = model.cfg
     chunk = check_prefill_chunk(prefill_chunk)
+    protocol = staging.check_protocol(prefill_protocol)
     impl = resolve_impl(attention_impl)
     if not lengths or not depths:
         raise KvqError("give at least one needle length and one depth")
@@ -149,7 +152,7 @@ def needle(model: Transformer, tok: Tokenizer, *, lengths: Sequence[int], depths
             group = cases[g:g + batch]
             capacity = round_up(max(len(c.haystack) + len(c.question) for c in group) + max_new_tokens, 64)
             cache = init_cache(cfg, kv, len(group), min(capacity, cfg.max_seq_len), dtype)
-            _, cache = prefill(model, [c.haystack for c in group], cache, chunk=chunk, attention_impl=impl)
+            _, cache = prefill(model, [c.haystack for c in group], cache, chunk=chunk, attention_impl=impl, protocol=protocol)
             out = generate(model, [c.question for c in group], cache=cache, max_new_tokens=max_new_tokens,
                            attention_impl=impl)
             nbytes += out.cache.nbytes()
@@ -168,7 +171,7 @@ def needle(model: Transformer, tok: Tokenizer, *, lengths: Sequence[int], depths
     return {
         "task": "needle", "model": cfg.name, "kv": kv_name(kv), "attention": impl,
         "filler": "built-in" if filler.builtin else "text", "seed": seed, "trials": trials,
-        "prefill_chunk": chunk, "lengths": list(lengths), "depths": list(depths),
+        "prefill_chunk": chunk, "prefill_protocol": protocol, "lengths": list(lengths), "depths": list(depths),
         "accuracy": float(np.mean([c["accuracy"] for c in cells])), "cells": cells, "per_length": per_length,
     }
 

@@ -228,17 +228,19 @@ def bytes_per_device(tree: Any) -> dict[Any, int]:
 def layer_specs(layer: Any) -> Any:
     """The layer's pytree with each array replaced by its PartitionSpec: `[B, H, T, D]` arrays by
     (batch, kv_heads, cache_tokens, head_dim), tokens sharded only for a layer split in `shards`
-    (a global layer's dense buffer or packed body; sinks and recent rings are small and replicated)."""
-    from kvq_jax.cache import DenseLayer
+    (a global layer's dense buffer, packed body and, where its slots divide, recent ring; sinks are
+    a few tokens and replicated)."""
+    from kvq_jax.cache import DenseLayer, ring_split
 
     p = layer.placement
     tok = "cache_tokens" if layer.shards > 1 else None
     spec = lambda x, t: p.spec(("batch", "kv_heads", t, "head_dim"), x.shape)
     if isinstance(layer, DenseLayer):
         return layer.replace(k=spec(layer.k, tok), v=spec(layer.v, tok))
+    ring = tok if ring_split(layer) else None
     body = lambda t: t.replace(words=spec(t.words, tok), scale=spec(t.scale, tok), zero=spec(t.zero, tok))
     return layer.replace(sink_k=spec(layer.sink_k, None), sink_v=spec(layer.sink_v, None),
-                         recent_k=spec(layer.recent_k, None), recent_v=spec(layer.recent_v, None),
+                         recent_k=spec(layer.recent_k, ring), recent_v=spec(layer.recent_v, ring),
                          k=body(layer.k), v=body(layer.v))
 
 

@@ -394,8 +394,10 @@ def test_mixed_16bit_plan_stores_its_16bit_side_dense(model_runs):
     np.testing.assert_allclose(np.asarray(lay0.k.words)[:, :, :q], fk[:, :, S: S + q], **tol)
     np.testing.assert_allclose(np.asarray(lay0.sink_k), fk[:, :, :S], **tol)
     np.testing.assert_allclose(np.asarray(lay0.recent_k)[:, :, np.arange(q, m) % R], fk[:, :, S + np.arange(q, m)], **tol)
-    # Layer 1's values of prompt positions come from the (full precision) prefill in both runs.
+    # Layer 1's values of prompt positions come from the (full precision) prefill in both runs; its
+    # input went through layer 0's segment-merged attention, which sums in another order (~1e-6).
     fv = np.asarray(fp_cache.layers[1].v)
+    tol = dict(atol=1e-5, rtol=1e-5)
     assert lay1.v.words.dtype == np.float32 and lay1.v.scale.size == 0
     np.testing.assert_allclose(np.asarray(lay1.v.words)[:, :, : PROMPT - S], fv[:, :, S:PROMPT], **tol)
     np.testing.assert_allclose(np.asarray(lay1.sink_v), fv[:, :, :S], **tol)

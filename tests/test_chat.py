@@ -133,14 +133,21 @@ def test_cli_prefill_chunk_on_generate_eval_bench(tiny, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("\n".join(C.H.CORPUS * 2))
     res = {}
-    for chunk in ("0", "32"):
+    for chunk, protocol in (("0", "exact"), ("32", "exact"), ("32", "cached")):
         p = _run(path, ["eval", "--model", str(path), "--text", str(text), "--context", "128", "--windows", "2",
                         "--kv", "K4V2", "--residual", "64", "--prefill", "100", "--prefill-chunk", chunk,
-                        "--json", "--no-progress"], b"")
+                        "--prefill-protocol", protocol, "--json", "--no-progress"], b"")
         assert p.returncode == 0, p.stderr.decode()
-        res[chunk] = json.loads(p.stdout)
-    assert res["32"]["prefill_chunk"] == 32 and res["0"]["prefill_chunk"] == 0
-    assert np.isfinite(res["32"]["ppl"]) and res["32"]["ppl_fp"] == pytest.approx(res["0"]["ppl_fp"], rel=1e-4)
+        res[chunk, protocol] = json.loads(p.stdout)
+    one, exact, cached = res["0", "exact"], res["32", "exact"], res["32", "cached"]
+    assert exact["prefill_chunk"] == 32 and one["prefill_chunk"] == 0
+    assert (one["prefill_protocol"], exact["prefill_protocol"], cached["prefill_protocol"]) == \
+        ("one shot", "exact", "cached")
+    assert np.isfinite(cached["ppl"]) and cached["ppl_fp"] == pytest.approx(one["ppl_fp"], rel=1e-4)
+    # Exact chunks score the prompt as one shot does; cached chunks read the quantized earlier chunks.
+    assert exact["ppl"] == pytest.approx(one["ppl"], rel=1e-4)
+    assert exact["kl_vs_fp"] == pytest.approx(one["kl_vs_fp"], rel=1e-3, abs=1e-7)
+    assert abs(cached["kl_vs_fp"] - one["kl_vs_fp"]) > 10 * abs(exact["kl_vs_fp"] - one["kl_vs_fp"])
     p = _run(path, ["bench", "--model", str(path), "--context", "100", "--new-tokens", "4", "--kv", "K4V2",
                     "--residual", "64", "--prefill-chunk", "32", "--json"], b"")
     assert p.returncode == 0, p.stderr.decode()

@@ -70,6 +70,16 @@ def test_generate_same_tokens_on_every_mesh(plan: str) -> None:
     assert body_spec(t2.cache) == ("data", None, "seq", None)
 
 
+@pytest.mark.parametrize("plan", ["fp", "K4V2"])
+def test_eight_rows_on_data_8(plan: str) -> None:
+    """A pmap-style data-parallel run: one row per device, the tokens of one device."""
+    rows = prompts(1) + prompts(2)
+    ref = generate(fresh(), rows, kv=PLANS[plan], max_new_tokens=10)
+    got = generate(fresh(), rows, kv=PLANS[plan], max_new_tokens=10, mesh=make_mesh(data=8))
+    assert got.tokens == ref.tokens
+    assert got.cache.lengths.sharding.spec == jax.sharding.PartitionSpec("data")
+
+
 def test_gemma3_local_and_global_layers_on_a_mesh() -> None:
     """Sliding-window rings (replicated along seq) and a global layer split along seq."""
     kv = parse_kv("K4V2", 3)
@@ -79,6 +89,23 @@ def test_gemma3_local_and_global_layers_on_a_mesh() -> None:
         got = generate(fresh(GEMMA), ps, kv=kv, max_new_tokens=12, mesh=make_mesh(**m))
         assert got.tokens == ref.tokens, m
         assert got.cache.layers[0].shards == 1 and got.cache.layers[2].shards == m["seq"]
+
+
+@pytest.mark.parametrize("cfg", ["llama", "gemma3"])
+def test_chunked_prefill_on_meshes(cfg: str) -> None:
+    """Exact chunked prefill (staged, then absorbed into the sharded cache) and cached chunks give
+    the tokens they give on one device."""
+    c = CFG if cfg == "llama" else GEMMA
+    kv, ps = parse_kv("K4V2", 3), prompts(3)
+    for protocol in ("exact", "cached"):
+        ref = generate(fresh(c), ps, kv=kv, max_new_tokens=8, prefill_chunk=64, prefill_protocol=protocol)
+        for m in (dict(data=2, seq=4), dict(seq=8), dict(data=2, model=1)):
+            got = generate(fresh(c), ps, kv=kv, max_new_tokens=8, prefill_chunk=64, prefill_protocol=protocol,
+                           mesh=make_mesh(**m))
+            assert got.tokens == ref.tokens, (cfg, protocol, m)
+    one_shot = generate(fresh(c), ps, kv=kv, max_new_tokens=8)
+    exact = generate(fresh(c), ps, kv=kv, max_new_tokens=8, prefill_chunk=64, mesh=make_mesh(seq=8))
+    assert exact.tokens == one_shot.tokens
 
 
 def _logits_steps(model, kv, mesh, tokens, steps=6):
@@ -160,7 +187,7 @@ def test_parameters_and_cache_follow_the_rules() -> None:
 
 @pytest.mark.parametrize("seq", [2, 4, 8])
 def test_bytes_per_device_split_the_body(seq: int) -> None:
-    """Each seq device holds 1/seq of every global body (and dense buffer); sinks, recent rings and
+    """Each seq device holds 1/seq of every global body, recent ring (and dense buffer); sinks and
     sliding-window layers are replicated along seq."""
     kv = parse_kv("K4V2", 3)
     cache = init_cache(GEMMA, kv, 2, 2000, mesh=make_mesh(seq=seq))
@@ -168,7 +195,8 @@ def test_bytes_per_device_split_the_body(seq: int) -> None:
     assert len(set(per.values())) == 1
     assert cache_bytes(GEMMA, kv, 2, 2000, mesh=make_mesh(seq=seq)) == next(iter(per.values()))
     glob = cache.layers[2]
-    split = sum(x.nbytes for x in jax.tree_util.tree_leaves((glob.k, glob.v)))
+    assert glob.residual % seq == 0
+    split = sum(x.nbytes for x in jax.tree_util.tree_leaves((glob.k, glob.v, glob.recent_k, glob.recent_v)))
     replicated = cache.nbytes() - split
     assert next(iter(per.values())) == split // seq + replicated
     # Each slice is sized to a whole packing unit: the split body holds less than one unit per slice
@@ -181,14 +209,15 @@ def test_bytes_per_device_split_the_body(seq: int) -> None:
 
 
 def test_decode_hlo_gathers_no_cache_buffer() -> None:
-    """Only the small partial results (out, lse) cross devices: no all-gather as large as a body slice."""
+    """Only the small partial results (out, lse) cross devices, and a split recent ring when a block
+    is flushed (R tokens, whatever the context): no all-gather as large as a body slice."""
     from kvq_jax import bench
 
     for m in (dict(data=2, seq=4), dict(seq=8), dict(model=3)):
         mesh = make_mesh(**m)
         model = fresh()
         prepare(model, mesh, 2)
-        cache = init_cache(CFG, PLANS["K4V2"], 2, 2048, mesh=mesh)
+        cache = init_cache(CFG, PLANS["K4V2"], 2, 16384, mesh=mesh)
         g, st = nnx.split(model)
         hlo = bench._decode.lower(g, st, jnp.zeros((2,), jnp.int32), cache, steps=2, impl="xla").compile().as_text()
         smallest = min(s.data.size for s in cache.layers[-1].k.words.addressable_shards)
