@@ -88,6 +88,15 @@ def hadamard(d: int) -> np.ndarray:
     return h / np.sqrt(d)
 
 
+def _rotation(layer: LayerCache, d: int) -> Array | None:
+    """The layer's rotation `[d, d]`, or None. The cache holds k @ H and v @ H (H orthonormal, H @ H =
+    I): q.k is unchanged with q @ H, and the cached segments' output is rotated back; outlier channels
+    are spread before quantization."""
+    if isinstance(layer, QuantLayer) and layer.rotate == "hadamard":
+        return jnp.asarray(hadamard(d), jnp.float32)
+    return None
+
+
 # ----------------------------------------------------------------------------- segments
 
 
@@ -399,8 +408,8 @@ def store(layer: LayerCache, k: Array, v: Array, lengths: Array, n_new: Array) -
     """Writes the first `n_new[b]` of k, v `[B, H, T, D]` (RoPE applied) at positions `lengths[b] + t`
     without attending: what `attention` would store for the same K/V (rotated as the layer says), on
     one device or the layer's mesh."""
-    if isinstance(layer, QuantLayer) and layer.rotate == "hadamard":
-        rot = jnp.asarray(hadamard(k.shape[-1]), jnp.float32)
+    rot = _rotation(layer, k.shape[-1])
+    if rot is not None:
         k, v = k @ rot, v @ rot
     cache_spec = lambda p: p.spec(("batch", "kv_heads", None, "head_dim"))
     return _on_devices(layer, lambda lay, seq, *a: (None, kvcache.write(lay, *a, seq=seq)), (k, v, lengths, n_new),
@@ -441,11 +450,7 @@ def _attend(q: Array, k: Array, v: Array, layer: LayerCache, lengths: Array, n_n
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     rep = hq // hkv
-    rot = None
-    if isinstance(layer, QuantLayer) and layer.rotate == "hadamard":
-        # The cache holds k @ H and v @ H (H orthonormal, H @ H = I): q.k is unchanged with q @ H, and
-        # the cached segments' output is rotated back; outlier channels are spread before quantization.
-        rot = jnp.asarray(hadamard(d), jnp.float32)
+    rot = _rotation(layer, d)
     heads = lambda x: x.transpose(0, 2, 1, 3)  # [B, T, H, D] -> [B, H, T, D]
     # Query rows token-major: row t * rep + i is query head i of KV head h for new token t.
     scale = 1.0 / math.sqrt(d) if scale is None else scale

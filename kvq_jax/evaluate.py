@@ -250,7 +250,8 @@ def evaluate(model: Transformer, tok: Tokenizer, text: str, *, context: int = 51
     nll, nll_ref, kl, top1 = (float(x) for x in sums)
     dec = n_win * n_steps
     result.update(
-        prefill=prefill, prefill_chunk=chunk, prefill_protocol=protocol if 0 < chunk < prefill else "one shot", ppl=math.exp(nll / scored), ppl_fp=math.exp(nll_ref / scored),
+        prefill=prefill, prefill_chunk=chunk, prefill_protocol=protocol if 0 < chunk < prefill else "one shot",
+        ppl=math.exp(nll / scored), ppl_fp=math.exp(nll_ref / scored),
         kl_vs_fp=kl / scored, kl_vs_fp_decoded=(kl - float(pre_kl)) / max(dec, 1),
         top1_agreement=top1 / scored, kv_cache_bytes=cache.nbytes(),
         kv_cache_bytes_bf16=bf16_bytes(model, n_win, context), **bits_report(cfg, kv, cache.nbytes(), n_win, context),

@@ -1,7 +1,7 @@
 """Exact chunked prefill: a prompt fed in chunks attends to its earlier chunks at full precision, as
 one call would, and reaches the quantized cache only once it is all in.
 
-The chunks run against a dense *staging* cache (`staging_cache`): each quantized layer gets a
+The chunks run against a dense *staging* cache (`stage`): each quantized layer gets a
 full-precision twin sized to what it must hand over (a global layer: every prompt position; a
 sliding-window layer: its body ring and recent ring), dense layers of the plan are used as they are.
 `absorb` then writes the staged K/V into the quantized layers through `attention.store`, the same
