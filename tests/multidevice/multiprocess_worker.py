@@ -1,5 +1,6 @@
 """One process of a 2-process run (4 CPU devices each): `python multiprocess_worker.py PORT ID`.
-Process 0 prints the greedy tokens of a sharded generate as JSON, as `tests/test_sharding.py` checks."""
+Process 0 prints the greedy tokens of a sharded generate as one JSON line after `RESULT_TAG`, as
+`tests/test_sharding.py` checks (gloo writes its own untagged log lines to stdout)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from kvq_jax.model import Transformer  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from test_mesh import CFG, PLANS, prompts  # noqa: E402
 
+RESULT_TAG = "kvq-result: "
 assert len(jax.devices()) == 8 and len(jax.local_devices()) == 4
 out = {}
 for name in ("fp", "K4V2"):
@@ -32,4 +34,4 @@ for name in ("fp", "K4V2"):
                        mesh=make_mesh(**{k: int(v) for k, v in sizes.items()}))
         out[f"{name} {mesh}"] = res.tokens
 if is_leader():
-    print(json.dumps(out))
+    print(RESULT_TAG + json.dumps(out))
