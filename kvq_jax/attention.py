@@ -11,19 +11,18 @@ Pallas kernel.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kvq_jax import cache as kvcache
 from kvq_jax import packing
 from kvq_jax.cache import DenseLayer, LayerCache, PackedTensor, QuantLayer
-from kvq_jax.config import RopeScaling
 from kvq_jax.errors import KvqError
+from kvq_jax.plan import split_rotation
+from kvq_jax.rotations import apply_rope, hadamard
 
 Array = jax.Array
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
@@ -45,56 +44,20 @@ def resolve_impl(impl: str) -> str:
 # ----------------------------------------------------------------------------- position & rotation
 
 
-def rope_frequencies(d: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
-    """Inverse frequencies `[D/2]` float32 of RoPE with base `theta`, scaled as `scaling` says."""
-    inv = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-    if scaling is None:
-        pass
-    elif scaling.kind == "linear":
-        inv = inv / scaling.factor
-    elif scaling.kind == "factors":  # GGUF rope_freqs: llama.cpp divides each frequency by its factor
-        inv = inv / np.asarray(scaling.freq_factors, np.float64)
-    else:  # llama3: long wavelengths divided by the factor, short kept, a smooth band between
-        lo, hi, f = scaling.low_freq_factor, scaling.high_freq_factor, scaling.factor
-        wavelen = 2 * np.pi / inv
-        ctx = scaling.original_max_position
-        smooth = (ctx / wavelen - lo) / (hi - lo)
-        scaled = np.where(wavelen > ctx / lo, inv / f, inv)
-        medium = (wavelen >= ctx / hi) & (wavelen <= ctx / lo)
-        inv = np.where(medium, (1 - smooth) * inv / f + smooth * inv, scaled)
-    return inv.astype(np.float32)
+def _rotations(layer: LayerCache, d: int) -> tuple[Array | None, Array | None]:
+    """The layer's key and value rotations `[d, d]` (None: not rotated). A Hadamard side holds k @ H
+    (v @ H; H orthonormal and symmetric, H @ H = I): q.k is unchanged with q @ H, and the cached
+    segments' output is rotated back; outlier channels are spread before quantization. (Keys kept
+    before RoPE are rotated by position in the cache itself: `QuantLayer.rope`.)"""
+    if not isinstance(layer, QuantLayer):
+        return None, None
+    h = lambda r: jnp.asarray(hadamard(d), jnp.float32) if r == "hadamard" else None
+    k, v = split_rotation(layer.rotate)
+    return h(k), h(v)
 
 
-def rope(x: Array, positions: Array, theta: float, scaling: RopeScaling | None = None) -> Array:
-    """Rotate-half RoPE. x `[B, T, H, D]`, positions `[B, T]`."""
-    d = x.shape[-1]
-    inv = rope_frequencies(d, theta, scaling)
-    ang = positions.astype(jnp.float32)[..., None] * inv  # [B, T, D/2]
-    cos = jnp.cos(ang)[:, :, None, :]
-    sin = jnp.sin(ang)[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
-
-
-@functools.lru_cache(maxsize=8)
-def hadamard(d: int) -> np.ndarray:
-    """Orthonormal Hadamard matrix `[d, d]` (d a power of two): H @ H.T = I."""
-    if d & (d - 1):
-        raise KvqError(f"hadamard rotation needs a power-of-two head_dim, got {d}")
-    h = np.ones((1, 1), np.float32)
-    while h.shape[0] < d:
-        h = np.block([[h, h], [h, -h]])
-    return h / np.sqrt(d)
-
-
-def _rotation(layer: LayerCache, d: int) -> Array | None:
-    """The layer's rotation `[d, d]`, or None. The cache holds k @ H and v @ H (H orthonormal, H @ H =
-    I): q.k is unchanged with q @ H, and the cached segments' output is rotated back; outlier channels
-    are spread before quantization."""
-    if isinstance(layer, QuantLayer) and layer.rotate == "hadamard":
-        return jnp.asarray(hadamard(d), jnp.float32)
-    return None
+def _rotate(x: Array, rot: Array | None) -> Array:
+    return x if rot is None else x @ rot
 
 
 # ----------------------------------------------------------------------------- segments
@@ -228,17 +191,26 @@ def _in_window(end: Array, size: int, lo: Array | None) -> Callable[[Array], Arr
     return visible
 
 
-def _fetch_packed(layer: QuantLayer) -> Callable[[Array, int], tuple[Array, Array]]:
-    return lambda start, n: (dequant_chunk(layer.k, start, n), dequant_chunk(layer.v, start, n))
+def _fetch_packed(layer: QuantLayer, positions: Callable[[Array], Array]) -> Callable[[Array, int], tuple[Array, Array]]:
+    """Dequantized K, V of body slots `[start, start + n)`; a `prerope` layer's keys are rotated by
+    RoPE at `positions(slots [n])` (`[B | 1, n]`: the positions the slots hold)."""
+    def fetch(start: Array, n: int) -> tuple[Array, Array]:
+        k = dequant_chunk(layer.k, start, n)
+        if layer.rope is not None:
+            k = apply_rope(k, positions(start + jnp.arange(n))[:, None, :], layer.rope)
+        return k, dequant_chunk(layer.v, start, n)
+    return fetch
 
 
-def packed_xla(q: Array, layer: QuantLayer, n_valid: Array, static: bool = False) -> tuple[Array, Array]:
+def packed_xla(q: Array, layer: QuantLayer, n_valid: Array, static: bool = False,
+               pos0: Array | int = 0) -> tuple[Array, Array]:
     """Flash-decoding over the packed body in XLA: one chunk dequantized at a time, online softmax.
 
-    q `[B, H, R, D]` pre-scaled; n_valid `[B]` packed tokens per row.
+    q `[B, H, R, D]` pre-scaled; n_valid `[B]` packed tokens per row; `pos0` the position of the
+    first body slot (what a `prerope` layer's keys are rotated by).
     """
-    return flash_loop(q, _fetch_packed(layer), _below(n_valid), jnp.max(n_valid), layer.chunk,
-                      layer.body_capacity, static)
+    fetch = _fetch_packed(layer, lambda slots: (pos0 + slots)[None, :])
+    return flash_loop(q, fetch, _below(n_valid), jnp.max(n_valid), layer.chunk, layer.body_capacity, static)
 
 
 def dense_read(q: Array, layer: DenseLayer, n_valid: Array, static: bool = False) -> tuple[Array, Array]:
@@ -265,7 +237,8 @@ def read_window(q: Array, layer: LayerCache, lengths: Array, lo: Array, static: 
                           slots, slots, static)
     n_quant = kvcache.quantized_count(layer, lengths)  # sink 0: body token j is position j
     nb, r = layer.body_capacity, layer.residual
-    parts = [flash_loop(q, _fetch_packed(layer), _in_window(n_quant, nb, lo), jnp.max(n_quant),
+    held = lambda slots: kvcache.ring_position(slots[None, :], n_quant[:, None], nb)  # [B, n] positions
+    parts = [flash_loop(q, _fetch_packed(layer, held), _in_window(n_quant, nb, lo), jnp.max(n_quant),
                         layer.chunk, nb, static)]
     if r:
         j = kvcache.ring_position(jnp.arange(r)[None, None, :], (n_quant + r)[:, None, None], r)
@@ -273,7 +246,8 @@ def read_window(q: Array, layer: LayerCache, lengths: Array, lo: Array, static: 
     return merge(parts)
 
 
-def packed_pallas(q: Array, layer: QuantLayer, n_valid: Array, interpret: bool) -> tuple[Array, Array]:
+def packed_pallas(q: Array, layer: QuantLayer, n_valid: Array, interpret: bool,
+                  pos0: Array | int = 0) -> tuple[Array, Array]:
     """The packed body through the fused Pallas kernel (pallas_kernels.decode_attention)."""
     from pallas_kernels import packed_decode_attention  # kernels are optional at import time
 
@@ -281,7 +255,7 @@ def packed_pallas(q: Array, layer: QuantLayer, n_valid: Array, interpret: bool) 
     return packed_decode_attention(
         q, layer.k.words, layer.k.scale, layer.k.zero, layer.v.words, layer.v.scale, layer.v.zero,
         n_valid, k_bits=ks.bits, k_axis=ks.axis, k_group=ks.group, v_bits=vs.bits, v_axis=vs.axis,
-        v_group=vs.group, backend="interpret" if interpret else "auto",
+        v_group=vs.group, backend="interpret" if interpret else "auto", k_rope=layer.rope, pos0=pos0,
     )
 
 
@@ -318,10 +292,11 @@ def read_quantized(q: Array, layer: QuantLayer, lengths: Array, impl: str,
     body_start, ring_seq, ring_start = kvcache.slice_of(layer, seq)
     n_body = jnp.clip(n_quant - body_start, 0, layer.body_capacity)
     dense_body = layer.k.spec.dense or layer.v.spec.dense
+    pos0 = s + body_start  # the position of this device's first body slot
     if impl in ("xla", DIFFERENTIABLE) or dense_body or q.shape[2] > _KERNEL_ROWS:
-        body = packed_xla(q, layer, n_body, impl == DIFFERENTIABLE)
+        body = packed_xla(q, layer, n_body, impl == DIFFERENTIABLE, pos0)
     else:
-        body = packed_pallas(q, layer, n_body, interpret=impl == "pallas_interpret")
+        body = packed_pallas(q, layer, n_body, interpret=impl == "pallas_interpret", pos0=pos0)
     if not r:
         return merge(parts + _across(body, seq))
     m = jnp.maximum(lengths - s, 0)
@@ -408,9 +383,8 @@ def store(layer: LayerCache, k: Array, v: Array, lengths: Array, n_new: Array) -
     """Writes the first `n_new[b]` of k, v `[B, H, T, D]` (RoPE applied) at positions `lengths[b] + t`
     without attending: what `attention` would store for the same K/V (rotated as the layer says), on
     one device or the layer's mesh."""
-    rot = _rotation(layer, k.shape[-1])
-    if rot is not None:
-        k, v = k @ rot, v @ rot
+    rot_k, rot_v = _rotations(layer, k.shape[-1])
+    k, v = _rotate(k, rot_k), _rotate(v, rot_v)
     cache_spec = lambda p: p.spec(("batch", "kv_heads", None, "head_dim"))
     return _on_devices(layer, lambda lay, seq, *a: (None, kvcache.write(lay, *a, seq=seq)), (k, v, lengths, n_new),
                        lambda p: (cache_spec(p),) * 2 + (p.spec(("batch",)),) * 2, None)[1]
@@ -450,7 +424,7 @@ def _attend(q: Array, k: Array, v: Array, layer: LayerCache, lengths: Array, n_n
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     rep = hq // hkv
-    rot = _rotation(layer, d)
+    rot_k, rot_v = _rotations(layer, d)
     heads = lambda x: x.transpose(0, 2, 1, 3)  # [B, T, H, D] -> [B, H, T, D]
     # Query rows token-major: row t * rep + i is query head i of KV head h for new token t.
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -461,13 +435,12 @@ def _attend(q: Array, k: Array, v: Array, layer: LayerCache, lengths: Array, n_n
         # Reads the old ring before the write, which may reuse slots earlier new tokens still see (a
         # ring is ~W tokens: a copy of it costs little).
         w = layer.window
-        kc, vc = (kh, vh) if rot is None else (kh @ rot, vh @ rot)
+        kc, vc = _rotate(kh, rot_k), _rotate(vh, rot_v)
 
         def block(qb: Array, q_tok: Array) -> Array:
             lo = lengths[:, None] + q_tok[None, :] - (w - 1)  # [B, rows] oldest visible position
-            o, lse = read_window(qb if rot is None else qb @ rot, layer, lengths, lo, impl == DIFFERENTIABLE)
-            cached = (o if rot is None else o @ rot, lse)
-            return merge([cached, causal_new(qb, kh, vh, q_tok, n_new, w)])[0]
+            o, lse = read_window(_rotate(qb, rot_k), layer, lengths, lo, impl == DIFFERENTIABLE)
+            return merge([(_rotate(o, rot_v), lse), causal_new(qb, kh, vh, q_tok, n_new, w)])[0]
 
         out = _by_query_blocks(qh, rep, t, block)
         layer = kvcache.write(layer, kc, vc, lengths, n_new)
@@ -482,16 +455,15 @@ def _attend(q: Array, k: Array, v: Array, layer: LayerCache, lengths: Array, n_n
         static = impl == DIFFERENTIABLE
         out = _by_query_blocks(qh, rep, t, lambda qb, tok: merge(_across(dense_read(qb, layer, upto(tok), static), seq))[0])
     else:
-        kc, vc = (kh, vh) if rot is None else (kh @ rot, vh @ rot)
+        kc, vc = _rotate(kh, rot_k), _rotate(vh, rot_v)
         # The body is flushed first (it only changes past what is read: the old Q(n) packed tokens),
         # then the old sink and ring are read, then overwritten.
         body_start, ring_seq, ring_start = kvcache.slice_of(layer, seq)
         flushed = kvcache.flush(layer, kc, vc, lengths, n_new, body_start, ring_seq)
 
         def block(qb: Array, q_tok: Array) -> Array:
-            o, lse = read_quantized(qb if rot is None else qb @ rot, flushed, lengths, impl, seq)
-            cached = (o if rot is None else o @ rot, lse)
-            return merge([cached, causal_new(qb, kh, vh, q_tok, n_new)])[0]
+            o, lse = read_quantized(_rotate(qb, rot_k), flushed, lengths, impl, seq)
+            return merge([(_rotate(o, rot_v), lse), causal_new(qb, kh, vh, q_tok, n_new)])[0]
 
         out = _by_query_blocks(qh, rep, t, block)
         layer = kvcache.write_window(flushed, kc, vc, lengths, n_new, ring_start)

@@ -20,6 +20,7 @@ from kvq_jax import packing, quant
 from kvq_jax.config import ModelConfig
 from kvq_jax.errors import KvqError
 from kvq_jax.plan import DenseKV, KVPlan, QuantSpec
+from kvq_jax.rotations import apply_rope
 
 Array = jax.Array
 
@@ -64,7 +65,9 @@ class QuantLayer:
     is S self-contained bodies of `body_capacity / S` tokens laid end to end (words, scales and zeros
     each with their own spare rows), body token j in slice `j // (body_capacity / S)`, one per `seq`
     device; so is the recent ring when `shards` divides R (`ring_split`): device i holds ring slots
-    `[i * R / S, (i + 1) * R / S)`.
+    `[i * R / S, (i + 1) * R / S)`. `rope` (a `rotate="prerope"` layer): the layer's RoPE (theta,
+    scaling); the body stores keys before it (a flush rotates them back by position, readers rotate
+    the dequantized keys forward), while the sink and ring hold them as the model produced them.
     """
 
     sink_k: Array
@@ -82,6 +85,7 @@ class QuantLayer:
     window: int = flax.struct.field(pytree_node=False, default=0)
     shards: int = flax.struct.field(pytree_node=False, default=1)
     placement: Any = flax.struct.field(pytree_node=False, default=None)
+    rope: Any = flax.struct.field(pytree_node=False, default=None)
 
 
 LayerCache = Union[DenseLayer, QuantLayer]
@@ -215,8 +219,9 @@ def _empty_cache(cfg: ModelConfig, kv: KVPlan | DenseKV, batch: int, capacity: i
     layers = []
     for i, (ks, vs) in enumerate(zip(kv.keys, kv.values)):
         window = cfg.window(i)
-        if ks.dense and vs.dense and kv.rotation(i) == "none":
-            # Both 16-bit: the plain dense layer, so a 16-bit plan reproduces the dense path exactly.
+        if ks.dense and vs.dense and "hadamard" not in (kv.key_rotation(i), kv.value_rotation(i)):
+            # Both 16-bit: the plain dense layer, so a 16-bit plan reproduces the dense path exactly
+            # (keys kept before RoPE at full precision would only be rotated back and forth).
             layers.append(dense(dtype, window))
             continue
         block = kv.block(i)
@@ -245,6 +250,7 @@ def _empty_cache(cfg: ModelConfig, kv: KVPlan | DenseKV, batch: int, capacity: i
             v=_packed_tensor(vs, batch, h, nb, d, block, dtype, scale_dtype, shards),
             sink=sink, residual=kv.residual, block=block, chunk=loop, body_capacity=shards * nb,
             rotate=kv.rotation(i), window=window, shards=shards, placement=p,
+            rope=cfg.rope(i) if kv.key_rotation(i) == "prerope" else None,
         ))
     return KVCache(tuple(layers), jnp.zeros((batch,), jnp.int32), capacity)
 
@@ -410,7 +416,10 @@ def flush(layer: QuantLayer, k: Array, v: Array, lengths: Array, n_new: Array,
             pool = jnp.concatenate([ring, new.astype(ring.dtype)], axis=2)  # [B, H, R + T, D]
             return jnp.take_along_axis(pool, jnp.broadcast_to(src, (*pool.shape[:2], j.shape[1], pool.shape[3])), axis=2)
 
-        return take(lay.recent_k, k), take(lay.recent_v, v)
+        kx = take(lay.recent_k, k)
+        if lay.rope is not None:  # the body keeps keys before RoPE: rotate back by position S + j
+            kx = apply_rope(kx.astype(jnp.float32), (j + s)[:, None, :], lay.rope, inverse=True)
+        return kx, take(lay.recent_v, v)
 
     def run(lay: QuantLayer) -> QuantLayer:
         f = g * -(-t // g)  # Q1 - Q0 <= G * ceil(T / G)

@@ -25,7 +25,8 @@ import numpy as np
 from flax import nnx
 
 from kvq_jax import quant
-from kvq_jax.attention import DIFFERENTIABLE, hadamard
+from kvq_jax.attention import DIFFERENTIABLE
+from kvq_jax.rotations import Rope, apply_rope, hadamard
 from kvq_jax.cache import init_cache
 from kvq_jax.plan import DenseKV
 
@@ -122,22 +123,28 @@ def fisher_pass(graphdef, state, tokens: Array) -> tuple[Array, Array, tuple[Arr
 
 @functools.partial(jax.jit, static_argnames=("bits", "key_axis", "value_axis", "group_k", "group_v",
                                              "sink", "residual", "block", "scale_dtype", "scale", "window",
-                                             "rotate"))
+                                             "rotate", "rope"))
 def layer_fisher_errors(q: Array, k: Array, v: Array, grad: Array, *, bits: tuple[float, ...],
                         key_axis: str, value_axis: str, group_k: int, group_v: int, sink: int,
                         residual: int, block: int, scale_dtype: str, scale: float | None = None,
-                        window: int = 0, rotate: str = "none") -> tuple[Array, Array]:
+                        window: int = 0, rotate: str = "none", rope: Rope | None = None) -> tuple[Array, Array]:
     """`[nb]` Fisher-weighted errors of one layer's keys and of its values, summed over the batch.
 
     A sliding-window layer (`window` > 0) has no sink in the cache: pass `sink=0`. `rotate`
     "hadamard": the cache holds k @ H and v @ H, so the quantization error is that of the rotated
-    tensors, rotated back (H is orthonormal and symmetric)."""
+    tensors, rotated back (H is orthonormal and symmetric); "prerope": the cache holds the keys
+    before the layer's RoPE `rope` (window position t at position t), rotated forward when read,
+    and the values as they are (their errors are the unrotated ones: None is returned for them)."""
     q, k, v, grad = (a.astype(jnp.float32) for a in (q, k, v, grad))
+    k_qdq = v_qdq = qdq_body
     if rotate == "hadamard":
         h = jnp.asarray(hadamard(k.shape[-1]), jnp.float32)
-        qdq = lambda x, *a: qdq_body(x @ h, *a) @ h
-    else:
-        qdq = qdq_body
+        k_qdq = v_qdq = lambda x, *a: qdq_body(x @ h, *a) @ h
+    elif rotate == "prerope":
+        if rope is None:
+            raise ValueError("rotate='prerope' needs the layer's rope")
+        pos = jnp.arange(k.shape[1])[None, :, None]  # [1, T, 1] against [B, T, H]
+        k_qdq = lambda x, *a: apply_rope(qdq_body(apply_rope(x, pos, rope, inverse=True), *a), pos, rope)
     mask = jnp.asarray(protocol_mask(q.shape[1], sink, residual, block))
     attend = lambda kh, vh, m: mixed_attention(q, k, v, kh, vh, m, scale, window)
     ref = attend(k, v, jnp.zeros_like(mask))
@@ -145,8 +152,9 @@ def layer_fisher_errors(q: Array, k: Array, v: Array, grad: Array, *, bits: tupl
     sd = jnp.dtype(scale_dtype)
     ke, ve = [], []
     for b in bits:
-        k_hat = qdq(k, b, key_axis, group_k, sink, block, sd)
-        v_hat = qdq(v, b, value_axis, group_v, sink, block, sd)
+        k_hat = k_qdq(k, b, key_axis, group_k, sink, block, sd)
+        v_hat = None if rotate == "prerope" else v_qdq(v, b, value_axis, group_v, sink, block, sd)
         ke.append(0.5 * jnp.sum(fisher * (attend(k_hat, v, mask) - ref) ** 2))
-        ve.append(0.5 * jnp.sum(fisher * (attend(k, v_hat, mask) - ref) ** 2))
-    return jnp.stack(ke), jnp.stack(ve)
+        if rotate != "prerope":
+            ve.append(0.5 * jnp.sum(fisher * (attend(k, v_hat, mask) - ref) ** 2))
+    return jnp.stack(ke), (jnp.stack(ve) if ve else None)

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kvq_jax.attention import attention, rope
+from kvq_jax.attention import attention
+from kvq_jax.rotations import rope
 from kvq_jax.cache import KVCache, check_room
 from kvq_jax.config import ModelConfig
 from kvq_jax.errors import KvqError

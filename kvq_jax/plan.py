@@ -24,7 +24,38 @@ from kvq_jax.packing import digits_per_word
 VALID_BITS = (1, 1.58, 2, 3, 4, 5, 6, 8, 16)
 TOKEN_GROUPS = (32, 64, 128)
 CHANNEL_GROUPS = (16, 32, 64, 128)
-ROTATIONS = ("none", "hadamard")
+# How a layer's cached keys and values are rotated before quantization. Keys: not at all, by an
+# orthonormal Hadamard matrix, or stored before RoPE ("prerope", KVQuant: per-channel key ranges are
+# steadier before the position-dependent rotation; RoPE is applied again after dequantization).
+# Values: not at all or Hadamard. A layer's rotation is one name for both sides ("hadamard": both;
+# "prerope": keys before RoPE, values as they are) or "KEYS/VALUES" (e.g. "prerope/hadamard").
+KEY_ROTATIONS = ("none", "hadamard", "prerope")
+VALUE_ROTATIONS = ("none", "hadamard")
+ROTATIONS = ("none", "hadamard", "prerope")  # the one-name forms
+_ROTATION_MSG = ("rotate must be none, hadamard, prerope or KEYS/VALUES (keys none|hadamard|prerope, "
+                 "values none|hadamard)")
+
+
+def split_rotation(name: str) -> tuple[str, str]:
+    """A layer's rotation → (key rotation, value rotation); KvqError for a bad name."""
+    if isinstance(name, str) and name in ROTATIONS:
+        return name, ("none" if name == "prerope" else name)
+    parts = name.split("/") if isinstance(name, str) else []
+    if len(parts) != 2 or parts[0] not in KEY_ROTATIONS or parts[1] not in VALUE_ROTATIONS:
+        raise KvqError(f"{_ROTATION_MSG}, got {name!r}")
+    return parts[0], parts[1]
+
+
+def join_rotation(keys: str, values: str) -> str:
+    """(key rotation, value rotation) → the layer's rotation, in its one-name form when it has one."""
+    for name in ROTATIONS:
+        if split_rotation(name) == (keys, values):
+            return name
+    pair = f"{keys}/{values}"
+    split_rotation(pair)  # validates both sides
+    return pair
+
+
 SCALE_DTYPES = ("bfloat16", "float32")
 # The sink and recent window: in the model's compute dtype, or always in this one.
 WINDOW_DTYPES = ("compute", "bfloat16", "float32")
@@ -142,7 +173,7 @@ class KVPlan:
     `residual` is the full-precision recent window R, `sink` the full-precision first S positions,
     `model`/`model_layers` record what the plan was made for (checked by `validate`).
     `window_dtype` stores the sink and the recent window ("compute": the model's dtype). `rotate` is
-    one rotation for every layer or one per layer (`rotation(layer)`).
+    one rotation for every layer or one per layer (`rotation(layer)`), from `ROTATIONS`.
     """
 
     keys: tuple[QuantSpec, ...]
@@ -168,17 +199,15 @@ class KVPlan:
             raise KvqError(f"plan has {len(self.keys)} key specs but {len(self.values)} value specs")
         _check_int("residual", self.residual)
         _check_int("sink", self.sink)
+        # canonical form: each layer's rotation in its one-name form where it has one, and one string
+        # when every layer agrees, so equal plans compare and hash alike
         if isinstance(self.rotate, (list, tuple)):  # one rotation per layer
-            rot = tuple(self.rotate)
+            rot = tuple(join_rotation(*split_rotation(r)) for r in self.rotate)
             if len(rot) != len(self.keys):
                 raise KvqError(f"plan has {len(self.keys)} layers but {len(rot)} rotations")
-            bad = [r for r in rot if r not in ROTATIONS]
-            if bad:
-                raise KvqError(f"rotate must be one of {', '.join(ROTATIONS)}, got {bad[0]!r}")
-            # canonical form: one string when every layer agrees, so equal plans compare and hash alike
             object.__setattr__(self, "rotate", rot[0] if len(set(rot)) == 1 else rot)
-        elif self.rotate not in ROTATIONS:
-            raise KvqError(f"rotate must be one of {', '.join(ROTATIONS)}, got {self.rotate!r}")
+        else:
+            object.__setattr__(self, "rotate", join_rotation(*split_rotation(self.rotate)))
         if self.scale_dtype not in SCALE_DTYPES:
             raise KvqError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if self.window_dtype not in WINDOW_DTYPES:
@@ -201,9 +230,17 @@ class KVPlan:
             raise KvqError(f"layer must be in [0, {self.n_layers}), got {layer!r}")
 
     def rotation(self, layer: int) -> str:
-        """The rotation of `layer`'s cached K/V ("none" | "hadamard")."""
+        """The rotation of `layer`'s cached K/V: "none", "hadamard", "prerope" or "KEYS/VALUES"."""
         self._check_layer(layer)
         return self.rotate if isinstance(self.rotate, str) else self.rotate[layer]
+
+    def key_rotation(self, layer: int) -> str:
+        """How `layer`'s keys are rotated: "none", "hadamard" or "prerope"."""
+        return split_rotation(self.rotation(layer))[0]
+
+    def value_rotation(self, layer: int) -> str:
+        """How `layer`'s values are rotated: "none" or "hadamard"."""
+        return split_rotation(self.rotation(layer))[1]
 
     def quantized(self, layer: int) -> bool:
         """True if K or V of `layer` is quantized (not 16-bit dense)."""
@@ -231,7 +268,8 @@ class KVPlan:
             )
         if self.n_layers != cfg.n_layers:
             raise KvqError(f"plan has {self.n_layers} layers, model {cfg.name!r} has {cfg.n_layers}")
-        if "hadamard" in (self.rotation(i) for i in range(self.n_layers)) and cfg.head_dim & (cfg.head_dim - 1):
+        if "hadamard" in (r for i in range(self.n_layers) for r in split_rotation(self.rotation(i))) \
+                and cfg.head_dim & (cfg.head_dim - 1):
             raise KvqError(f"rotate='hadamard' needs a power-of-two head_dim, got {cfg.head_dim}")
         for layer in range(self.n_layers):
             for kind, s in (("key", self.keys[layer]), ("value", self.values[layer])):
@@ -240,7 +278,7 @@ class KVPlan:
                         f"layer {layer} {kind} spec {s}: head_dim {cfg.head_dim} is not divisible "
                         f"by group {s.group}"
                     )
-            if not self.quantized(layer) and self.rotation(layer) == "none":
+            if not self.quantized(layer) and "hadamard" not in split_rotation(self.rotation(layer)):
                 continue  # a plain dense layer: no window, no flush block
             g = self.block(layer)
             if self.residual % g:

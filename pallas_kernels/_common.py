@@ -252,6 +252,41 @@ def _channel_values(p, vc, vs, vz, t0, n, lay: Layout) -> Array:
     return jnp.sum(a3 * vs[:, None, :] + jnp.sum(p3, axis=2, keepdims=True) * vz[:, None, :], axis=0)
 
 
+def dequantize_block(c: Array, s: Array, z: Array, t0: Array, lay: Layout) -> Array:
+    """codes `[T, D]` → code·scale + zero `[T, D]` float32, explicitly (not folded into a product).
+
+    Scales/zeros as `block_update` takes them: channel axis `[nG, D]` (t0 on a group boundary when
+    nG > 1), token axis `[T, J]`."""
+    t, d = c.shape
+    if lay.axis == "token":
+        return c * expand_lanes(s, d) + expand_lanes(z, d)
+    if s.shape[0] == 1:
+        return c * s + z
+    rel = _iota((t, d), 0)
+    rows = _iota(s.shape, 0)
+    out = jnp.zeros((t, d), jnp.float32)
+    for g in range(s.shape[0]):  # each token takes its group's row: comparisons, no integer divide
+        # Row g by a masked sublane sum: Triton lowers no static slice.
+        sg, zg = (jnp.sum(jnp.where(rows == g, x, 0.0), axis=0, keepdims=True) for x in (s, z))
+        on = (rel >= g * lay.group) & (rel < (g + 1) * lay.group)
+        out = jnp.where(on, c * sg + zg, out)
+    return out
+
+
+def rope_block(k: Array, pos: Array, inv: Array) -> Array:
+    """Rotate-half RoPE of keys `[T, D]` at positions `pos [T, 1]` float32 with inverse frequencies
+    `inv [1, D]` (the `[D/2]` frequencies twice), as `kvq_jax.rotations.apply_rope` computes it.
+
+    rotate_half(k) = k @ P with P a signed permutation built from iotas: one small MXU product
+    instead of lane slicing, which Mosaic and Triton both lower."""
+    t, d = k.shape
+    h = d // 2
+    i, j = _iota((d, d), 0), _iota((d, d), 1)
+    perm = jnp.where(i == j + h, -1.0, jnp.where(j == i + h, 1.0, 0.0))
+    ang = pos * inv
+    return k * jnp.cos(ang) + dot_nn(k, perm) * jnp.sin(ang)
+
+
 def finalize(m: Array, l: Array, acc: Array) -> tuple[Array, Array]:
     """(m, l, acc) → normalised output `[R, D]` and lse `[R, 1]`; no valid token → (0, -inf)."""
     empty = l <= 0.0

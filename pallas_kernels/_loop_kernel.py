@@ -51,10 +51,10 @@ def _scales(s_ref, tok: Array, t0: Array, block: int, lay: C.Layout) -> Array:
     return s_ref[rows, :].astype(jnp.float32)
 
 
-def _make_kernel(klay: C.Layout, vlay: C.Layout, block: int, blocks_per_split: int):
+def _make_kernel(klay: C.Layout, vlay: C.Layout, block: int, blocks_per_split: int, rope: bool):
     split_tokens = block * blocks_per_split
 
-    def kernel(nv_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, o_ref, lse_ref):
+    def kernel(nv_ref, p0_ref, inv_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, o_ref, lse_ref):
         n = nv_ref[0]
         start = pl.program_id(2) * split_tokens
         n_blocks = jnp.clip((n - start + block - 1) // block, 0, blocks_per_split)
@@ -68,6 +68,9 @@ def _make_kernel(klay: C.Layout, vlay: C.Layout, block: int, blocks_per_split: i
             vc = _codes(vw_ref, tok, vlay)
             ks, kz = (_scales(x, tok, t0, block, klay) for x in (ks_ref, kz_ref))
             vs, vz = (_scales(x, tok, t0, block, vlay) for x in (vs_ref, vz_ref))
+            if rope:  # keys stored before RoPE: dequantized, then rotated by position
+                pos = (p0_ref[0] + tok).astype(jnp.float32)
+                kc, ks, kz = C.rope_block(C.dequantize_block(kc, ks, kz, t0, klay), pos, inv_ref[...]), None, None
             return C.block_update(q, kc, ks, kz, vc, vs, vz, t0, n, *carry, klay, vlay)
 
         init = (jnp.full((r, 1), -jnp.inf, jnp.float32), jnp.zeros((r, 1), jnp.float32),
@@ -82,14 +85,18 @@ def _make_kernel(klay: C.Layout, vlay: C.Layout, block: int, blocks_per_split: i
 
 def loop_attention(
     q: Array, kw: Array, ks: Array, kz: Array, vw: Array, vs: Array, vz: Array, n_valid: Array,
+    pos0: Array, inv: Array | None,
     *, klay: C.Layout, vlay: C.Layout, block: int, blocks_per_split: int, splits: int,
     interpret: bool, num_warps: int = 4, num_stages: int = 2,
 ) -> tuple[Array, Array]:
     """Per-split results: out `[B, H, S, R, D]` (normalised) and lse `[B, H, S, R, 1]`.
 
     q `[B, H, R, D]` float32 (R padded as the backend needs), words int32 `[B, H, W, D]`,
-    scales/zeros as in the cache, n_valid `[B]` int32.
+    scales/zeros as in the cache, n_valid `[B]` int32. `inv [1, D]` float32: the keys are stored
+    before RoPE with these inverse frequencies, token t at position `pos0 [1]` + t (None: after).
     """
+    rope = inv is not None
+    inv = jnp.zeros((1, q.shape[3]), jnp.float32) if inv is None else inv
     b, h, r, d = q.shape
 
     def slab(x: Array) -> pl.BlockSpec:
@@ -98,6 +105,8 @@ def loop_attention(
 
     in_specs = [
         pl.BlockSpec((1,), lambda bi, hi, si: (bi,)),
+        pl.BlockSpec((1,), lambda bi, hi, si: (0,)),
+        pl.BlockSpec((1, d), lambda bi, hi, si: (0, 0)),
         pl.BlockSpec((None, None, r, d), lambda bi, hi, si: (bi, hi, 0, 0)),
         *(slab(x) for x in (kw, ks, kz, vw, vs, vz)),
     ]
@@ -109,7 +118,7 @@ def loop_attention(
                  jax.ShapeDtypeStruct((b, h, splits, r, 1), jnp.float32)]
     params = None if interpret else _triton_params(num_warps, num_stages)
     return pl.pallas_call(
-        _make_kernel(klay, vlay, block, blocks_per_split),
+        _make_kernel(klay, vlay, block, blocks_per_split, rope),
         out_shape=out_shape,
         grid=(b, h, splits),
         in_specs=in_specs,
@@ -117,4 +126,4 @@ def loop_attention(
         interpret=interpret,
         compiler_params=params,
         name="packed_decode_attention_loop",
-    )(n_valid, q, kw, ks, kz, vw, vs, vz)
+    )(n_valid, pos0, inv, q, kw, ks, kz, vw, vs, vz)

@@ -94,8 +94,8 @@ def _block_scales(ref, blk: Array, block: int, lay: C.Layout, rows: _Rows | None
     return jnp.sum(jnp.where(pick, x[None], 0.0), axis=1)
 
 
-def _make_kernel(klay, vlay, block: int, blocks_per_split: int, krows, vrows):
-    def kernel(nv_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, o_ref, lse_ref,
+def _make_kernel(klay, vlay, block: int, blocks_per_split: int, krows, vrows, rope: bool):
+    def kernel(nv_ref, p0_ref, inv_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, o_ref, lse_ref,
                m_sc, l_sc, acc_sc, kc_sc, vc_sc):
         n = nv_ref[pl.program_id(0)]
         kb = pl.program_id(3)
@@ -112,6 +112,11 @@ def _make_kernel(klay, vlay, block: int, blocks_per_split: int, krows, vrows):
         def _step():
             kc, ks, kz = _operands(kw_ref, ks_ref, kz_ref, kc_sc, blk, block, klay, krows)
             vc, vs, vz = _operands(vw_ref, vs_ref, vz_ref, vc_sc, blk, block, vlay, vrows)
+            if rope:  # keys stored before RoPE: dequantized, then rotated by position
+                if ks is not None:
+                    kc = C.dequantize_block(kc, ks, kz, t0, klay)
+                pos = (p0_ref[0] + t0 + lax.broadcasted_iota(jnp.int32, (block, 1), 0)).astype(jnp.float32)
+                kc, ks, kz = C.rope_block(kc, pos, inv_ref[...]), None, None
             m, l, acc = C.block_update(
                 q_ref[...].astype(jnp.float32), kc, ks, kz, vc, vs, vz, t0, n,
                 m_sc[:, :1], l_sc[:, :1], acc_sc[...], klay, vlay)
@@ -130,6 +135,7 @@ def _make_kernel(klay, vlay, block: int, blocks_per_split: int, krows, vrows):
 
 def tpu_attention(
     q: Array, kw: Array, ks: Array, kz: Array, vw: Array, vs: Array, vz: Array, n_valid: Array,
+    pos0: Array, inv: Array | None,
     *, klay: C.Layout, vlay: C.Layout, block: int, blocks_per_split: int, splits: int,
     interpret=False,
 ) -> tuple[Array, Array]:
@@ -137,10 +143,14 @@ def tpu_attention(
 
     q `[B, H, R, D]` float32 (R a multiple of 8), words int32 `[B, H, W, D]`, scales/zeros as in
     the cache, n_valid `[B]` int32. `block` is a multiple of 8·P of both widths and of the
-    per-channel groups. `interpret`: False, True or a `pltpu.InterpretParams`.
+    per-channel groups. `inv [1, D]` float32: the keys are stored before RoPE with these inverse
+    frequencies, token t at position `pos0 [1]` + t (None: after RoPE; pos0 is then unused).
+    `interpret`: False, True or a `pltpu.InterpretParams`.
     """
     b, h, r, d = q.shape
     nbs = blocks_per_split
+    rope = inv is not None
+    inv = jnp.zeros((1, d), jnp.float32) if inv is None else inv
 
     def block_index(bi, si, ki, nv):
         # Clamp to the last block holding a valid token: later steps repeat it, so no DMA is issued.
@@ -149,33 +159,34 @@ def tpu_attention(
 
     def words_spec(lay: C.Layout) -> pl.BlockSpec:
         return pl.BlockSpec((None, None, block // lay.digits, d),
-                            lambda bi, hi, si, ki, nv: (bi, hi, block_index(bi, si, ki, nv), 0))
+                            lambda bi, hi, si, ki, nv, p0: (bi, hi, block_index(bi, si, ki, nv), 0))
 
     def scale_spec(x: Array, lay: C.Layout, rows: _Rows | None) -> pl.BlockSpec:
         if lay.axis == "token":
             return pl.BlockSpec((None, None, block, x.shape[3]),
-                                lambda bi, hi, si, ki, nv: (bi, hi, block_index(bi, si, ki, nv), 0))
+                                lambda bi, hi, si, ki, nv, p0: (bi, hi, block_index(bi, si, ki, nv), 0))
         ng = C.n_groups(lay, block)
         if rows.whole:
-            return pl.BlockSpec((None, None, rows.rows, d), lambda bi, hi, si, ki, nv: (bi, hi, 0, 0))
+            return pl.BlockSpec((None, None, rows.rows, d), lambda bi, hi, si, ki, nv, p0: (bi, hi, 0, 0))
         return pl.BlockSpec(
             (None, None, rows.rows, d),
-            lambda bi, hi, si, ki, nv: (bi, hi, block_index(bi, si, ki, nv) * ng // rows.rows, 0))
+            lambda bi, hi, si, ki, nv, p0: (bi, hi, block_index(bi, si, ki, nv) * ng // rows.rows, 0))
 
     krows = _channel_rows(ks.shape[2], C.n_groups(klay, block)) if klay.axis == "channel" else None
     vrows = _channel_rows(vs.shape[2], C.n_groups(vlay, block)) if vlay.axis == "channel" else None
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1,
+        num_scalar_prefetch=2,
         grid=(b, h, splits, nbs),
         in_specs=[
-            pl.BlockSpec((None, None, r, d), lambda bi, hi, si, ki, nv: (bi, hi, 0, 0)),
+            pl.BlockSpec((1, d), lambda bi, hi, si, ki, nv, p0: (0, 0)),
+            pl.BlockSpec((None, None, r, d), lambda bi, hi, si, ki, nv, p0: (bi, hi, 0, 0)),
             words_spec(klay), scale_spec(ks, klay, krows), scale_spec(kz, klay, krows),
             words_spec(vlay), scale_spec(vs, vlay, vrows), scale_spec(vz, vlay, vrows),
         ],
         out_specs=[
-            pl.BlockSpec((None, None, None, r, d), lambda bi, hi, si, ki, nv: (bi, hi, si, 0, 0)),
+            pl.BlockSpec((None, None, None, r, d), lambda bi, hi, si, ki, nv, p0: (bi, hi, si, 0, 0)),
             pl.BlockSpec((None, None, None, r, _LANES),
-                         lambda bi, hi, si, ki, nv: (bi, hi, si, 0, 0)),
+                         lambda bi, hi, si, ki, nv, p0: (bi, hi, si, 0, 0)),
         ],
         scratch_shapes=[
             pltpu.VMEM((r, _LANES), jnp.float32),  # running max
@@ -186,11 +197,11 @@ def tpu_attention(
         ],
     )
     return pl.pallas_call(
-        _make_kernel(klay, vlay, block, nbs, krows, vrows),
+        _make_kernel(klay, vlay, block, nbs, krows, vrows, rope),
         out_shape=[jax.ShapeDtypeStruct((b, h, splits, r, d), jnp.float32),
                    jax.ShapeDtypeStruct((b, h, splits, r, _LANES), jnp.float32)],
         grid_spec=grid_spec,
         compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="packed_decode_attention_tpu",
-    )(n_valid, q, kw, ks, kz, vw, vs, vz)
+    )(n_valid, pos0, inv, q, kw, ks, kz, vw, vs, vz)

@@ -25,9 +25,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from kvq_jax.errors import KvqError
+from kvq_jax.rotations import Rope, apply_rope, rope_frequencies
 from pallas_kernels import _common as C
 from pallas_kernels._loop_kernel import loop_attention
 from pallas_kernels._tpu_kernel import tpu_attention
@@ -135,6 +137,8 @@ def packed_decode_attention(
     block_tokens: int | None = None,
     num_splits: int | None = None,
     backend: str = "auto",
+    k_rope: Rope | None = None,
+    pos0: Array | int = 0,
 ) -> tuple[Array, Array]:
     """Attention of `q` over the packed tokens `[0, n_valid[b])` of each row.
 
@@ -142,14 +146,18 @@ def packed_decode_attention(
     KV head together). k/v words `[B, Hkv, W, D]` uint32 (token t = digit t % P of word t // P).
     Scales/zeros (bf16 or f32): axis "channel" `[B, Hkv, NB, D]` (row t // group), axis "token"
     `[B, Hkv, NT, D // group]` (row t). value = code * scale + zero. n_valid `[B]` int32.
+    `k_rope` (theta, scaling): the keys are stored before RoPE, token t at position `pos0 + t`
+    (an int32 scalar, the same for every row); each key block is dequantized and rotated on chip.
 
     Returns out `[B, Hkv, n_rep, D]` float32 (normalised) and lse `[B, Hkv, n_rep]` float32; a row
     with no valid token gets out 0 and lse -inf. Static: widths, axes, groups, block_tokens,
-    num_splits, backend. jit- and while_loop-safe.
+    num_splits, backend, k_rope. jit- and while_loop-safe.
     """
     backend = resolve_backend(backend)
     q = jnp.asarray(q, jnp.float32)
     b, h, r, d = q.shape
+    if k_rope is not None and d % 2:
+        raise KvqError(f"keys stored before RoPE need an even head_dim, got {d}")
     klay = C.Layout.make(k_bits, k_axis, k_group, d)
     vlay = C.Layout.make(v_bits, v_axis, v_group, d)
     _check_operands(q, k_words, k_scale, k_zero, klay, "k")
@@ -169,18 +177,27 @@ def packed_decode_attention(
     kw = lax.bitcast_convert_type(k_words, jnp.int32)
     vw = lax.bitcast_convert_type(v_words, jnp.int32)
     geometry = dict(klay=klay, vlay=vlay, block=block, blocks_per_split=per_split, splits=splits)
+    rope = (jnp.reshape(jnp.asarray(pos0, jnp.int32), (1,)), _inverse_frequencies(k_rope, d))
     if backend in ("tpu", "tpu_interpret"):
         q = _pad_rows(q, -(-r // 8) * 8)  # whole sublane tiles for the stacked per-group q rows
         kw, ks, kz = _cover_one_block(kw, k_scale, k_zero, klay, block)
         vw, vs, vz = _cover_one_block(vw, v_scale, v_zero, vlay, block)
-        out, lse = tpu_attention(q, kw, ks, kz, vw, vs, vz, n_valid, **geometry,
+        out, lse = tpu_attention(q, kw, ks, kz, vw, vs, vz, n_valid, *rope, **geometry,
                                  interpret=_tpu_interpret_params() if backend == "tpu_interpret" else False)
     else:
         # Triton dots need M >= 16 and power-of-two tiles; the interpreter runs the same shapes.
         q = _pad_rows(q, max(16, 1 << (r - 1).bit_length()))
-        out, lse = loop_attention(q, kw, k_scale, k_zero, vw, v_scale, v_zero, n_valid, **geometry,
+        out, lse = loop_attention(q, kw, k_scale, k_zero, vw, v_scale, v_zero, n_valid, *rope, **geometry,
                                   interpret=backend == "interpret")
     return merge_splits(out[:, :, :, :r], lse[:, :, :, :r, 0])
+
+
+def _inverse_frequencies(k_rope: Rope | None, d: int) -> Array | None:
+    """`[1, D]` float32: the RoPE inverse frequencies twice (rotate-half pairs lane i with i + D/2)."""
+    if k_rope is None:
+        return None
+    inv = rope_frequencies(d, *k_rope)
+    return jnp.asarray(np.concatenate([inv, inv])[None, :], jnp.float32)
 
 
 def _check_operands(q: Array, words: Array, scale: Array, zero: Array, lay: C.Layout, name: str) -> None:
@@ -222,6 +239,8 @@ def reference_packed_attention(
     v_bits: float, v_axis: str, v_group: int,
     block_tokens: int | None = None,
     num_splits: int | None = None,
+    k_rope: Rope | None = None,
+    pos0: Array | int = 0,
 ) -> tuple[Array, Array]:
     """Pure-jnp reference of `packed_decode_attention` (same arguments; block/splits ignored).
 
@@ -247,6 +266,8 @@ def reference_packed_attention(
     v, tv = dense(v_words, v_scale, v_zero, v_bits, v_axis, v_group)
     n = min(tk, tv, k.shape[2], v.shape[2])
     k, v = k[:, :, :n], v[:, :, :n]
+    if k_rope is not None:
+        k = apply_rope(k, pos0 + jnp.arange(n)[None, None, :], k_rope)
     n_valid = jnp.broadcast_to(jnp.asarray(n_valid, jnp.int32), (b,))
     ok = (jnp.arange(n)[None, :] < n_valid[:, None])[:, None, None, :]  # [B, 1, 1, N]
     s = jnp.einsum("bhrd,bhnd->bhrn", q, k, precision=lax.Precision.HIGHEST)

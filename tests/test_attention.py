@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kvq_jax import attention, packing, quant
+from kvq_jax import attention, packing, quant, rotations
 from kvq_jax.cache import DenseLayer, QuantLayer, init_cache
 from kvq_jax.config import tiny_config
 from kvq_jax.errors import KvqError
@@ -304,12 +304,50 @@ def test_attention_entry_prefill_and_decode_gqa():
     assert n.tolist() == [340, 85]
 
 
+# ----------------------------------------------------------------------------- keys before RoPE
+
+
+def test_prerope_layer_quantizes_keys_before_rope_and_reads_them_rotated():
+    """A `prerope` layer stores its body keys rotated back by their position and quantized: the body
+    is within half a quantization step of RoPE^-1(k), not of k. Its read (XLA loop and Pallas kernel)
+    equals attention over [sink, RoPE(dequantized body) at positions S.., ring]."""
+    cfg = tiny_config(n_layers=1, n_heads=2, n_kv_heads=2, head_dim=64)
+    rope = cfg.rope(0)
+    plan = KVPlan((ch(2, 32),), (tok(4),), residual=R, sink=S, rotate="prerope")
+    lay = init_cache(cfg, plan, 3, 800, chunk=256).layers[0]
+    assert lay.rope == rope and lay.rotate == "prerope"
+    lengths = np.array([760, 45, 3])
+    xk, xv = kv_streams(np.random.default_rng(2), 1, 3, 2, 760, 64)
+    lay = jax.device_get(prefill_all((lay,), jnp.asarray(xk), jnp.asarray(xv), jnp.asarray(lengths, jnp.int32))[0])
+    q = (np.random.default_rng(3).standard_normal((3, 2, 3, 64)) * 0.3).astype(np.float32)
+    outs = {impl: np.asarray(jax.jit(lambda q, lay, n, impl=impl: attention.read_quantized(q, lay, n, impl)[0])(
+        jnp.asarray(q), lay, jnp.asarray(lengths, jnp.int32))) for impl in ("xla", "pallas_interpret")}
+    unrope = lambda x, pos: np.asarray(rotations.apply_rope(jnp.asarray(x), pos, rope, inverse=True), np.float64)
+    for row, n in enumerate(lengths):
+        m, qn = counts(lay, int(n))
+        k, v = reader_view(lay, row, int(n))
+        pos = S + np.arange(qn)
+        body = k[:, S:S + qn]
+        if qn:
+            want = unrope(xk[0, row, :, S:S + qn], pos)
+            step = np.ptp(want.reshape(2, qn // 32, 32, 64), axis=2) / 3  # [H, groups, D]
+            err = np.abs(body - want).reshape(2, qn // 32, 32, 64).max(axis=2)
+            assert (err <= 0.51 * step + 1e-4).all()
+        if qn > 256:  # ...and far from the keys after RoPE (many positions: large angles)
+            assert np.abs(body - xk[0, row, :, S:S + qn]).mean() > 2 * np.abs(body - want).mean()
+        k[:, S:S + qn] = np.asarray(rotations.apply_rope(jnp.asarray(body, jnp.float32), pos, rope), np.float64)
+        for impl, out in outs.items():
+            for hh in range(2):
+                want = softmax_attend(q[row, hh].astype(np.float64), k[hh], v[hh])
+                np.testing.assert_allclose(out[row, hh], want, atol=1e-5, rtol=1e-5, err_msg=f"{impl} row {row}")
+
+
 # ----------------------------------------------------------------------------- hadamard
 
 
 @pytest.mark.parametrize("d", [1, 2, 16, 32, 64, 128])
 def test_hadamard_is_orthonormal(d):
-    h = attention.hadamard(d).astype(np.float64)
+    h = rotations.hadamard(d).astype(np.float64)
     assert h.shape == (d, d)
     np.testing.assert_allclose(h @ h.T, np.eye(d), atol=1e-6)
     np.testing.assert_allclose(np.abs(h), 1 / np.sqrt(d), rtol=1e-6)
@@ -320,7 +358,7 @@ def test_hadamard_is_orthonormal(d):
 
 def test_hadamard_needs_power_of_two():
     with pytest.raises(KvqError, match="power-of-two"):
-        attention.hadamard(48)
+        rotations.hadamard(48)
 
 
 # ----------------------------------------------------------------------------- the tiny model
@@ -416,21 +454,22 @@ def test_logit_error_shrinks_with_bits(model_runs):
     assert err[2] < 2 * scale, err  # degraded, not broken
 
 
-def test_hadamard_rotation_keeps_the_fp_path(model_runs):
+@pytest.mark.parametrize("rotate", ["hadamard", "none/hadamard", "hadamard/none", "prerope/hadamard"])
+def test_rotations_keep_the_fp_path(model_runs, rotate):
+    """Keys and values rotated each their own way, at 16 bits: the fp model's logits, and the sink
+    holds k @ H and v @ H where the plan says so (the query and the output are rotated to match)."""
     fp_logits, fp_cache = model_runs("fp", DenseKV("float32"))
     # residual 64: an all-16-bit layer still has block 64 (see test_cache.py)
-    logits, cache = model_runs("K16V16-hadamard", KVPlan.uniform(MODEL_CFG.n_layers, 16, 16, residual=64,
-                                                                    sink=S, rotate="hadamard"))
-    assert all(isinstance(lay, QuantLayer) and lay.rotate == "hadamard" for lay in cache.layers)
+    plan = KVPlan.uniform(MODEL_CFG.n_layers, 16, 16, residual=64, sink=S, rotate=rotate)
+    logits, cache = model_runs(f"K16V16-{rotate}", plan)
+    assert all(isinstance(lay, QuantLayer) and lay.rotate == rotate for lay in cache.layers)
     np.testing.assert_allclose(logits, fp_logits, atol=1e-4, rtol=0)
-    # The cache holds rotated keys, k @ H, for layer 0 (whose keys match the fp run's): the rotation is
-    # really applied, and q.k is unchanged because H is orthonormal. Values may be stored rotated too
-    # (the output is then rotated back), or not.
-    hm = attention.hadamard(MODEL_CFG.head_dim)
-    fk = np.asarray(fp_cache.layers[0].k)[:, :, :S]
-    fv = np.asarray(fp_cache.layers[0].v)[:, :, :S]
+    # Layer 0's keys and values match the fp run's: each side is stored rotated exactly when its
+    # rotation is Hadamard, and really changed by it.
+    hm = rotations.hadamard(MODEL_CFG.head_dim)
     lay = cache.layers[0]
-    np.testing.assert_allclose(np.asarray(lay.sink_k), fk @ hm, atol=1e-5)
-    assert np.abs(np.asarray(lay.sink_k) - fk).max() > 0.1
-    sv = np.asarray(lay.sink_v)
-    assert np.allclose(sv, fv, atol=1e-5) or np.allclose(sv, fv @ hm, atol=1e-5)
+    for stored, fp, side in ((lay.sink_k, fp_cache.layers[0].k, plan.key_rotation(0)),
+                             (lay.sink_v, fp_cache.layers[0].v, plan.value_rotation(0))):
+        fp = np.asarray(fp)[:, :, :S]
+        np.testing.assert_allclose(np.asarray(stored), fp @ hm if side == "hadamard" else fp, atol=1e-5)
+        assert side != "hadamard" or np.abs(np.asarray(stored) - fp).max() > 0.1

@@ -4,8 +4,8 @@
   the same logits (1e-4) and the same cache.
 - Quantized: what a layer stores (codes, scales, zeros, sink, live ring slots) depends only on its
   K/V inputs, never on the chunking: checked on `cache.write` with fixed K/V streams and on a
-  one-layer model, for K4V2, a mixed plan with a 16-bit side, hadamard, sink 0 and a window-less
-  all-16-bit plan.
+  one-layer model, for K4V2, a mixed plan with a 16-bit side, hadamard, keys before RoPE, sink 0 and
+  a window-less all-16-bit plan.
 - A row with `n_new == 0` is left bit for bit as it was; overflowing the capacity is one clear line.
 """
 
@@ -118,6 +118,8 @@ def _plans():
         "K3V1.58 hadamard": KVPlan((tk(3),), (ch(1.58),), residual=R, sink=S, rotate="hadamard"),
         "K2V4 sink 0": KVPlan((ch(2, 64),), (tk(4, 64),), residual=R, sink=0),
         "16-bit hadamard": KVPlan((QuantSpec(16),), (QuantSpec(16),), residual=R, sink=S, rotate="hadamard"),
+        "K2V4 prerope": KVPlan((ch(2),), (tk(4),), residual=R, sink=S, rotate="prerope"),
+        "K2V2 prerope/hadamard": KVPlan((ch(2),), (tk(2),), residual=R, sink=S, rotate="prerope/hadamard"),
     }
 
 
@@ -169,7 +171,7 @@ def test_stored_arrays_do_not_depend_on_the_chunking(name):
             np.testing.assert_array_equal(a, b, err_msg=f"{name}: chunks {key}")
 
 
-@pytest.mark.parametrize("name", ["K4V2", "K4V2 bf16 window", "K3V1.58 hadamard", "16-bit hadamard"])
+@pytest.mark.parametrize("name", ["K4V2", "K4V2 bf16 window", "K3V1.58 hadamard", "16-bit hadamard", "K2V4 prerope"])
 def test_one_layer_model_stores_the_same_whatever_the_chunking(name):
     """Through the model (projections, RoPE, rotation): chunkings 1, 7, 64, 333 and T store alike.
 

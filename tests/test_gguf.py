@@ -435,7 +435,7 @@ def test_llama31_rope_freqs_equal_hf_llama3_scaling(tmp_path: Path) -> None:
     import jax.numpy as jnp
     from flax import nnx
 
-    from kvq_jax.attention import rope_frequencies
+    from kvq_jax.rotations import rope_frequencies
     from kvq_jax.cache import init_cache
     from kvq_jax.config import RopeScaling
     from kvq_jax.model import Transformer, load_params

@@ -12,6 +12,7 @@ import pytest
 from jax import lax
 
 from kvq_jax import packing, quant
+from kvq_jax.config import RopeScaling
 from pallas_kernels import (
     default_block,
     packed_decode_attention,
@@ -266,3 +267,65 @@ def test_argument_checks():
     with pytest.raises(KvqError, match="v_scale"):
         bad = jnp.concatenate([args[5]] * 2, axis=-1)  # two channel groups, the spec says one
         packed_decode_attention(*args[:5], bad, *args[6:], backend="interpret", **static)
+
+
+# Keys stored before RoPE (rotate="prerope"): each key block is dequantized and rotated on chip by
+# position pos0 + t. (K spec, V spec, n_rep, head_dim, RoPE, pos0): plain, Llama 3 and linear scaling.
+ROPE_CASES = [
+    ((2, "channel", 64), (2, "token", 64), 3, 64, (10000.0, None), 4),
+    ((4, "channel", 32), (1.58, "channel", 32), 7, 128,
+     (500000.0, RopeScaling("llama3", factor=8.0, original_max_position=64)), 1000),
+    ((3, "token", 32), (4, "token", 64), 1, 64, (1e6, RopeScaling("linear", factor=2.0)), 0),
+]
+
+
+@pytest.mark.parametrize("kspec,vspec,r,d,rope,pos0", ROPE_CASES, ids=lambda x: str(x))
+def test_prerope_keys_match_reference(kspec, vspec, r, d, rope, pos0):
+    args, static = _case(3, 2, r, d, 384, [301, 37, 130], kspec, vspec, seed=4)
+    static = dict(static, k_rope=rope, pos0=pos0)
+    out, _ = _check(args, static)
+    # ...and the reference really rotates: the same codes read after RoPE give another result.
+    plain, _ = _reference(tuple(sorted(dict(static, k_rope=None).items())))(*args)
+    assert float(jnp.max(jnp.abs(out - plain))) > 1e-3
+
+
+@pytest.mark.skipif(not _has_tpu_interpret(), reason="jax has no pltpu.InterpretParams")
+@pytest.mark.parametrize("kspec,vspec,r,d,rope,pos0", ROPE_CASES[:2], ids=lambda x: str(x))
+def test_prerope_keys_tpu_interpret(kspec, vspec, r, d, rope, pos0):
+    klay, vlay = C.Layout.make(*kspec, d), C.Layout.make(*vspec, d)
+    block = tpu_block_unit(klay, vlay)
+    args, static = _case(2, 2, r, d, 2 * block + 64, [2 * block + 5, 77], kspec, vspec, seed=5)
+    _check(args, dict(static, k_rope=rope, pos0=pos0), backend="tpu_interpret", block=block, splits=2)
+
+
+def test_rope_block_is_apply_rope():
+    from kvq_jax.rotations import apply_rope, rope_frequencies
+
+    rng = np.random.default_rng(6)
+    k = jnp.asarray(rng.normal(size=(64, 128)), jnp.float32)
+    pos = jnp.arange(64)[:, None] + 3000
+    rope = (10000.0, RopeScaling("linear", factor=4.0))
+    inv = rope_frequencies(128, *rope)
+    got = C.rope_block(k, pos.astype(jnp.float32), jnp.asarray(np.concatenate([inv, inv])[None]))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(apply_rope(k, pos[:, 0], rope)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kspec,vspec,r,d,rope,pos0", ROPE_CASES, ids=lambda x: str(x))
+def test_prerope_lowers_for_triton(kspec, vspec, r, d, rope, pos0):
+    args, static = _case(1, 2, r, d, 512, [500], kspec, vspec)
+    assert "triton" in _lower("cuda", args, dict(static, k_rope=rope, pos0=pos0), "gpu")
+
+
+@pytest.mark.parametrize("kspec,vspec,r,d,rope,pos0", ROPE_CASES, ids=lambda x: str(x))
+def test_prerope_lowers_for_mosaic(kspec, vspec, r, d, rope, pos0, monkeypatch):
+    try:
+        from jax._src.pallas.mosaic import tpu_info
+        chip = tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1)
+        monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind, lambda: chip)
+    except (ImportError, AttributeError) as e:
+        pytest.skip(f"jax internals moved: {e}")
+    klay, vlay = C.Layout.make(*kspec, d), C.Layout.make(*vspec, d)
+    groups = math.lcm(*(s[2] for s in (kspec, vspec) if s[1] == "channel"))
+    n = -(-2 * tpu_block_unit(klay, vlay) // groups) * groups
+    args, static = _case(1, 2, r, d, n, [n - 3], kspec, vspec)
+    assert "tpu_custom_call" in _lower("tpu", args, dict(static, k_rope=rope, pos0=pos0), "tpu")

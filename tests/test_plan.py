@@ -168,7 +168,7 @@ spec_st = st.builds(
     layers=st.lists(st.tuples(spec_st, spec_st), min_size=1, max_size=6),
     residual=st.integers(0, 512),
     sink=st.integers(0, 16),
-    rotate=st.sampled_from(["none", "hadamard"]),
+    rotate=st.sampled_from(["none", "hadamard", "prerope"]),
     scale_dtype=st.sampled_from(["bfloat16", "float32"]),
     model=st.none() | st.text(min_size=1, max_size=12),
     note=st.text(max_size=20),
@@ -197,7 +197,7 @@ def test_summaries():
     [
         (dict(keys=(), values=()), "at least one layer"),
         (dict(values=(QuantSpec(4),)), "3 key specs but 1 value specs"),
-        (dict(rotate="random"), "rotate must be one of none, hadamard"),
+        (dict(rotate="random"), "rotate must be none, hadamard, prerope or KEYS/VALUES"),
         (dict(scale_dtype="float16"), "scale_dtype must be one of bfloat16, float32"),
         (dict(residual=-1), "residual must be an int >= 0"),
         (dict(sink=1.5), "sink must be an int >= 0"),
@@ -353,7 +353,7 @@ def test_parse_kv_plan_file(tmp_path):
         ("plan.yaml", {}, "bad --kv 'plan.yaml': plan file not found"),
         ("K4V2", dict(group_v=16), "bad --kv 'K4V2': token-axis group must be one of 32, 64, 128, got 16"),
         ("K4V2", dict(key_axis="row"), "bad --kv 'K4V2': axis must be 'token' or 'channel'"),
-        ("K4V2", dict(rotate="random"), "bad --kv 'K4V2': rotate must be one of none, hadamard"),
+        ("K4V2", dict(rotate="random"), "bad --kv 'K4V2': rotate must be none, hadamard, prerope or KEYS/VALUES"),
         ("K4V2", dict(residual=-64), "bad --kv 'K4V2': residual must be an int >= 0"),
     ],
 )
@@ -367,11 +367,23 @@ def test_per_layer_rotation():
     specs = (QuantSpec(4, "channel"),) * 3, (QuantSpec(2),) * 3
     p = KVPlan(*specs, rotate=["none", "hadamard", "none"])
     assert p.rotate == ("none", "hadamard", "none") and [p.rotation(i) for i in range(3)] == ["none", "hadamard", "none"]
+    pre = KVPlan(*specs, rotate=["prerope", "hadamard", "none"])
+    assert KVPlan.from_json(pre.to_json()) == pre and "rotate prerope×1, hadamard×1, none×1" in pre.describe()
+    # keys and values each their own rotation: "KEYS/VALUES", in the one-name form where one exists
+    kv = KVPlan(*specs, rotate=["prerope/hadamard", "hadamard/hadamard", "prerope/none"])
+    assert kv.rotate == ("prerope/hadamard", "hadamard", "prerope")
+    assert [(kv.key_rotation(i), kv.value_rotation(i)) for i in range(3)] == [
+        ("prerope", "hadamard"), ("hadamard", "hadamard"), ("prerope", "none")]
+    assert KVPlan.from_json(kv.to_json()) == kv
+    assert KVPlan(*specs, rotate="none/none").rotate == "none"
+    for bad in ("hadamard/prerope", "prerope/", "a/b/c"):
+        with pytest.raises(KvqError, match="KEYS/VALUES"):
+            KVPlan(*specs, rotate=bad)
     assert KVPlan(*specs, rotate=("hadamard",) * 3) == KVPlan(*specs, rotate="hadamard")  # one canonical form
     assert hash(p) == hash(KVPlan(*specs, rotate=("none", "hadamard", "none")))
     assert "rotate none×2, hadamard" in p.describe()
     assert KVPlan.from_json(p.to_json()) == p and json.loads(p.to_json())["rotate"] == ["none", "hadamard", "none"]
-    for bad, msg in ((["none"] * 2, "3 layers but 2 rotations"), (["none", "x", "none"], "rotate must be one of")):
+    for bad, msg in ((["none"] * 2, "3 layers but 2 rotations"), (["none", "x", "none"], "rotate must be none, hadamard")):
         with pytest.raises(KvqError) as e:
             KVPlan(*specs, rotate=bad)
         assert msg in one_line(e)

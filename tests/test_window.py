@@ -13,7 +13,7 @@ from kvq_jax import cache as kvcache
 from kvq_jax.cache import DenseLayer, QuantLayer, init_cache
 from kvq_jax.config import tiny_config
 from kvq_jax.model import Transformer
-from kvq_jax.plan import DenseKV, KVPlan
+from kvq_jax.plan import DenseKV, KVPlan, QuantSpec
 
 W = 16
 CFG = tiny_config("gemma3", n_layers=3, sliding_window=W, local_layers=(0, 1), head_dim=32, n_heads=4,
@@ -172,6 +172,24 @@ def test_quantized_local_model_decodes_past_the_window(plan):
         assert np.isfinite(got).all() and int(cache.lengths[0]) == 120
         tol = 0.02 if plan.keys[0].bits == 8 else 0.5
         assert np.abs(got - full).max() <= tol * np.abs(full).max()
+
+
+def test_prerope_keys_are_rotated_by_the_positions_they_hold():
+    """Keys kept before RoPE (16-bit, so only the rotation differs; values quantized, so the layers
+    are packed ones) read back rotated by the positions each slot holds: local rings wrapped past the
+    window and the global layer alike give the plain plan's logits, token by token and in ragged
+    chunks."""
+    cfg = CFG.replace(sliding_window=80)
+    m = Transformer(cfg, rngs=nnx.Rngs(2))
+    # 8-bit values: a value that sits on a rounding boundary may take the neighbouring code when the
+    # keys differ in their last bit (rotated back and forth), a small step at 8 bits.
+    plain = KVPlan((QuantSpec(16),) * 3, (QuantSpec(8, "token", 32),) * 3, residual=64, sink=4)
+    toks = np.asarray(jax.random.randint(jax.random.key(6), (2, 230), 0, cfg.vocab_size))
+    for chunks in ([np.array([1, 1])] * 230, [np.array([150, 33]), np.array([80, 197])]):
+        want, _ = _feed(m, init_cache(cfg, plain, 2, 240), toks, chunks)
+        got, cache = _feed(m, init_cache(cfg, plain.replace(rotate="prerope"), 2, 240), toks, chunks)
+        assert all(lay.rope == cfg.rope(i) for i, lay in enumerate(cache.layers))
+        np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
 
 
 def test_analysis_observes_the_gemma_forward(gemma):
