@@ -40,7 +40,7 @@ import numpy as np
 
 from kvq_jax.config import ModelConfig
 from kvq_jax.errors import KvqError
-from kvq_jax.plan import ROTATIONS, KVPlan, QuantSpec
+from kvq_jax.plan import KVPlan, QuantSpec, join_rotation, split_rotation
 from kvq_jax.stats import KVStats, canonical_bits as _num
 
 METHODS = ("fisher", "sensitivity", "norm", "weight-norm")
@@ -252,17 +252,20 @@ def _rotations(rotate: str | Sequence[str], n_layers: int) -> tuple[str, ...]:
 
 
 def _auto_rotation(stats: KVStats, budget: float, kw: dict) -> Allocation:
-    """rotate="auto": a rotation per layer and the widths, by alternating the two choices.
+    """rotate="auto": the keys' and the values' rotation of each layer and the widths, by
+    alternating the two choices.
 
-    With the rotations fixed, the greedy allocates widths from each layer's Fisher errors under its
-    rotation; with the widths fixed, each layer takes the rotation with the lower error at them
-    (its K and V share one rotation). Repeated until the rotations stop changing; the allocation of
-    lowest predicted error is returned (a greedy step need not lower it).
+    With the rotations fixed, the greedy allocates widths from each tensor's Fisher errors under its
+    rotation; with the widths fixed, each layer's keys take the key rotation, and its values the
+    value rotation, (of those the stats measured) with the lowest error at their width. Repeated
+    until the rotations stop changing; the allocation of lowest predicted error is returned (a greedy
+    step need not lower it).
     """
     if kw["method"] != "fisher":
         raise KvqError("rotate='auto' chooses rotations from Fisher errors: use method 'fisher'")
-    if stats.k_fisher_err_hadamard is None or stats.v_fisher_err_hadamard is None:
-        raise KvqError("these stats have no Hadamard Fisher errors: re-run the analysis to choose rotations")
+    cand = {kind: stats.fisher_rotations(kind) for kind in ("k", "v")}
+    if len(cand["k"]) + len(cand["v"]) < 3:
+        raise KvqError("these stats have no rotated Fisher errors: re-run the analysis to choose rotations")
     rot = ("none",) * stats.n_layers
     best, seen = None, set()
     while rot not in seen:
@@ -270,16 +273,21 @@ def _auto_rotation(stats: KVStats, budget: float, kw: dict) -> Allocation:
         a = allocate_detailed(stats, budget, rotate=rot, **kw)
         if best is None or a.total_err < best.total_err:
             best = a
-        err = {r: _fisher_at(stats, r, "k", a.k_bits) + _fisher_at(stats, r, "v", a.v_bits) for r in ROTATIONS}
-        prev = rot  # a tie keeps the layer's current rotation
-        rot = tuple(min(ROTATIONS, key=lambda r: (err[r][i], r != prev[i])) for i in range(stats.n_layers))
+        prev = [split_rotation(r) for r in rot]
+
+        def pick(kind: str, side: int, bits: np.ndarray) -> list[str]:
+            err = {r: _fisher_at(stats, r, kind, bits) for r in cand[kind]}
+            # a tie keeps the tensor's current rotation
+            return [min(cand[kind], key=lambda r: (err[r][i], r != prev[i][side])) for i in range(stats.n_layers)]
+
+        rot = tuple(join_rotation(k, v) for k, v in zip(pick("k", 0, a.k_bits), pick("v", 1, a.v_bits)))
     plan = best.plan
     return dataclasses.replace(best, plan=plan.replace(note=plan.note + ", rotations chosen per layer"))
 
 
 def _fisher_at(stats: KVStats, rotate: str, kind: str, widths: np.ndarray) -> np.ndarray:
     """[L] Fisher error of each layer's K (or V) at its width under `rotate` (16 bits: 0)."""
-    e = getattr(stats, f"{kind}_fisher_err" + ("_hadamard" if rotate == "hadamard" else ""))
+    e = stats.fisher_err(kind, rotate)
     out = np.zeros(stats.n_layers)
     for i, b in enumerate(widths):
         j = stats.bit_index(float(b))
@@ -347,14 +355,19 @@ def _distortions(stats: KVStats, method: str, norm: str, widths: tuple[float, ..
                        "sink + residual): analyze with a longer --context, or choose --method sensitivity")
     if method in _MEASURED:
         if method == "fisher":
-            ke, ve = stats.k_fisher_err, stats.v_fisher_err
-            rotated = [i for i, r in enumerate(rotations) if r == "hadamard"]
-            if rotated:
-                if stats.k_fisher_err_hadamard is None or stats.v_fisher_err_hadamard is None:
-                    raise KvqError("these stats have no Hadamard Fisher errors: re-run the analysis to "
-                                   "allocate for a rotated cache")
-                ke, ve = ke.copy(), ve.copy()
-                ke[rotated], ve[rotated] = stats.k_fisher_err_hadamard[rotated], stats.v_fisher_err_hadamard[rotated]
+            # each layer's keys and values read from the tables of their own rotation
+            tables = []
+            for kind, side in (("k", 0), ("v", 1)):
+                rows = []
+                for i, r in enumerate(rotations):
+                    e = stats.fisher_err(kind, split_rotation(r)[side])
+                    if e is None:
+                        raise KvqError(f"these stats have no Fisher errors of {split_rotation(r)[side]} "
+                                       f"{'keys' if kind == 'k' else 'values'}: re-run the analysis to "
+                                       "allocate for that rotation")
+                    rows.append(e[i])
+                tables.append(np.stack(rows))
+            ke, ve = tables
         elif per_head:
             if stats.k_attn_err_head is None or stats.v_attn_err_head is None:
                 raise KvqError("per-head sensitivity allocation needs k/v_attn_err_head in the stats")

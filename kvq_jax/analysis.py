@@ -28,7 +28,7 @@ from kvq_jax.cache import init_cache
 from kvq_jax.errors import KvqError
 from kvq_jax.fisher import fisher_pass, layer_fisher_errors
 from kvq_jax.model import Taps, Transformer
-from kvq_jax.plan import DEFAULT_BLOCK, DenseKV
+from kvq_jax.plan import DEFAULT_BLOCK, ROTATIONS, VALUE_ROTATIONS, DenseKV
 from kvq_jax.stats import DEFAULT_BITS, KVStats
 
 Array = jax.Array
@@ -108,11 +108,15 @@ def _spectrum(gram: np.ndarray) -> np.ndarray:
 def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = DEFAULT_BITS,
             key_axis: str = "channel", value_axis: str = "token", group_k: int = 64, group_v: int = 64,
             scale_dtype: str = "bfloat16", batch: int = 2, progress: bool = True,
-            meta: dict | None = None, sink: int = 4, residual: int = 128, fisher: bool = True) -> KVStats:
+            meta: dict | None = None, sink: int = 4, residual: int = 128, fisher: bool = True,
+            rotations: Sequence[str] | None = None) -> KVStats:
     """Runs the model over calibration windows `[W, T]` and collects `KVStats`.
 
     With `fisher`, also the loss-aware errors `k_fisher_err`/`v_fisher_err` (see `kvq_jax.fisher`)
-    for a cache with this `sink` and `residual` (one extra forward and backward pass per batch).
+    for a cache with this `sink` and `residual` (one extra forward and backward pass per batch),
+    unrotated and under each of `rotations` (default: every rotation the model allows; Hadamard
+    needs a power-of-two head_dim; "prerope" measures keys only, values are not rotated by it), so
+    the allocator can choose the keys' and the values' rotation of each layer.
     """
     cfg = model.cfg
     bits = tuple(sorted(float(b) for b in bits))
@@ -140,11 +144,13 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
     fisher_kw = [dict(bits=bits, key_axis=key_axis, value_axis=value_axis, group_k=group_k, group_v=group_v,
                       sink=0 if g["window"] else sink, residual=residual, block=block, scale_dtype=scale_dtype, **g)
                  for g in geometry]
-    # Both rotations are measured, so the allocator can choose one per layer (Hadamard needs a
-    # power-of-two head_dim).
-    rotations = ("none", "hadamard") if cfg.head_dim & (cfg.head_dim - 1) == 0 else ("none",)
+    allowed = tuple(r for r in ROTATIONS if r != "hadamard" or cfg.head_dim & (cfg.head_dim - 1) == 0)
+    bad = [r for r in (rotations or ()) if r not in allowed]
+    if bad:
+        raise KvqError(f"cannot measure rotation {bad[0]!r} on this model (allowed: {', '.join(allowed)})")
+    rotations = ("none",) + tuple(r for r in (allowed if rotations is None else rotations) if r != "none")
     fisher_k = {r: np.zeros((cfg.n_layers, len(bits))) for r in rotations}
-    fisher_v = {r: np.zeros((cfg.n_layers, len(bits))) for r in rotations}
+    fisher_v = {r: np.zeros((cfg.n_layers, len(bits))) for r in rotations if r in VALUE_ROTATIONS}
     totals: list[dict[str, np.ndarray]] = [{} for _ in range(cfg.n_layers)]
     kw = dict(bits=bits, key_axis=key_axis, value_axis=value_axis, group_k=group_k, group_v=group_v,
               scale_dtype=scale_dtype)
@@ -162,9 +168,12 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
             _, grads, (fq, fk, fv) = fisher_pass(graphdef, state, toks)
             for i in range(cfg.n_layers):
                 for r in rotations:
-                    ke, ve = layer_fisher_errors(fq[i], fk[i], fv[i], grads[i], rotate=r, **fisher_kw[i])
+                    rope = cfg.rope(i) if r == "prerope" else None
+                    ke, ve = layer_fisher_errors(fq[i], fk[i], fv[i], grads[i], rotate=r, rope=rope,
+                                                 **fisher_kw[i])
                     fisher_k[r][i] += np.asarray(ke, np.float64)
-                    fisher_v[r][i] += np.asarray(ve, np.float64)
+                    if ve is not None:
+                        fisher_v[r][i] += np.asarray(ve, np.float64)
     bar.close()
     stack = lambda name: np.stack([tt[name] for tt in totals])
     k_sq, v_sq, attn_sq = stack("k_sq"), stack("v_sq"), stack("attn_sq")
@@ -199,5 +208,6 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
         k_fisher_err=per_window(fisher_k, "none"), v_fisher_err=per_window(fisher_v, "none"),
         k_fisher_err_hadamard=per_window(fisher_k, "hadamard"),
         v_fisher_err_hadamard=per_window(fisher_v, "hadamard"),
+        k_fisher_err_prerope=per_window(fisher_k, "prerope"),
         meta=info,
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kvq_jax.errors import KvqError
+from kvq_jax.plan import join_rotation, split_rotation
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,6 +44,13 @@ def _int_in(lo: int, hi: int | None = None):
 _positive_int, _nonneg_int, _seed = _int_in(1), _int_in(0), _int_in(0, _SEED_MAX)
 
 
+def _rotation(text: str) -> str:
+    try:
+        return join_rotation(*split_rotation(text))
+    except KvqError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _finite_float(s: str) -> float:
     try:
         v = float(s)
@@ -64,7 +72,10 @@ def _common(p: argparse.ArgumentParser, kv: bool = True) -> None:
         p.add_argument("--group-v", type=_positive_int)
         p.add_argument("--residual", type=int, help="recent tokens kept in full precision (default 128)")
         p.add_argument("--sink", type=int, help="first tokens kept in full precision (default 4)")
-        p.add_argument("--rotate", choices=("none", "hadamard"))
+        p.add_argument("--rotate", type=_rotation,
+                       help="rotate cached K/V before quantizing: hadamard (keys and values), prerope "
+                            "(keys stored before RoPE, rotated by position when read), or KEYS/VALUES "
+                            "(e.g. prerope/hadamard)")
         p.add_argument("--window-dtype", choices=("compute", "bfloat16", "float32"),
                        help="store the sink and recent window in this dtype (default: compute)")
         p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas", "pallas_interpret"))
@@ -176,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--group-v", type=_positive_int, default=64)
     a.add_argument("--residual", type=_nonneg_int, default=128, help="the plan's full-precision window")
     a.add_argument("--sink", type=_nonneg_int, default=4, help="the plan's full-precision first tokens")
-    a.add_argument("--rotate", default="none", choices=("none", "hadamard", "auto"),
-                   help="the plan's rotation; auto: one per layer, chosen with the widths (--method fisher)")
+    a.add_argument("--rotate", default="none", type=lambda t: t if t == "auto" else _rotation(t),
+                   help="the plan's rotation (see eval --help); auto: keys' and values' rotations per layer, "
+                        "chosen with the widths (--method fisher)")
     return ap
 
 
@@ -432,7 +444,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         windows = text_windows(tok, _read_text(args.calib), args.context, args.windows)
         stats = analyze(model, windows, bits=bits, key_axis=args.key_axis, value_axis=args.value_axis,
                         group_k=args.group_k, group_v=args.group_v, progress=not args.no_progress,
-                        meta={"calib_file": str(args.calib)}, residual=args.residual, sink=args.sink)
+                        meta={"calib_file": str(args.calib)}, residual=args.residual, sink=args.sink,
+                        # Saved statistics serve any later plan: they get every rotation's errors.
+                        rotations=None if args.rotate == "auto" or stats_path is not None
+                        else tuple(set(split_rotation(args.rotate)) - {"none"}))
         if stats_path is not None:
             stats.save(stats_path)
     alloc = allocate_detailed(

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from kvq_jax.errors import KvqError
+from kvq_jax.plan import KEY_ROTATIONS, VALUE_ROTATIONS
 
 DEFAULT_BITS: tuple[float, ...] = (1, 1.58, 2, 3, 4, 6, 8)
 
@@ -51,9 +52,11 @@ _SHAPES: dict[str, tuple[str, ...]] = {
     "v_fisher_err": ("L", "B"),
     "k_fisher_err_hadamard": ("L", "B"),
     "v_fisher_err_hadamard": ("L", "B"),
+    "k_fisher_err_prerope": ("L", "B"),
 }
 OPTIONAL = ("k_fro_prerope", "k_spec_prerope", "k_sv_prerope", "k_attn_err_head", "v_attn_err_head",
-            "k_fisher_err", "v_fisher_err", "k_fisher_err_hadamard", "v_fisher_err_hadamard")
+            "k_fisher_err", "v_fisher_err", "k_fisher_err_hadamard", "v_fisher_err_hadamard",
+            "k_fisher_err_prerope")
 
 
 @dataclasses.dataclass(eq=False)
@@ -70,7 +73,9 @@ class KVStats:
         (resp. values) are quantized; k_attn_err_head, v_attn_err_head [L, H, nb]: the same per head.
     k_fisher_err, v_fisher_err [L, nb]: Fisher-weighted attention-output error under the cache
         protocol, in nats per calibration window (optional; see kvq_jax.fisher);
-        k_fisher_err_hadamard, v_fisher_err_hadamard [L, nb]: the same for a Hadamard-rotated cache.
+        k_fisher_err_hadamard, v_fisher_err_hadamard [L, nb]: the same for Hadamard-rotated keys and
+        values; k_fisher_err_prerope [L, nb]: for keys stored before RoPE. `fisher_err(kind,
+        rotation)` reads them by the tensor's rotation.
     meta: JSON-able dict (model, n_layers, n_kv_heads, head_dim, bits, calib_file, calib_windows,
         calib_tokens, key_axis, value_axis, group_k, group_v).
     """
@@ -103,6 +108,7 @@ class KVStats:
     v_fisher_err: np.ndarray | None = None
     k_fisher_err_hadamard: np.ndarray | None = None
     v_fisher_err_hadamard: np.ndarray | None = None
+    k_fisher_err_prerope: np.ndarray | None = None
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -183,6 +189,19 @@ class KVStats:
         """Index of width `b` in `bits`, or None when it was not measured."""
         hit = np.flatnonzero(np.isclose(self.bits, b, rtol=0, atol=1e-9))
         return int(hit[0]) if hit.size else None
+
+    def fisher_err(self, kind: str, rotation: str = "none") -> np.ndarray | None:
+        """`[L, nb]` Fisher errors of the keys ("k") or values ("v") stored with `rotation` (one of
+        `KEY_ROTATIONS` / `VALUE_ROTATIONS`); None if not measured."""
+        allowed = KEY_ROTATIONS if kind == "k" else VALUE_ROTATIONS
+        if rotation not in allowed:
+            raise KvqError(f"{'keys' if kind == 'k' else 'values'} have no rotation {rotation!r}")
+        return getattr(self, f"{kind}_fisher_err" + ("" if rotation == "none" else f"_{rotation}"))
+
+    def fisher_rotations(self, kind: str) -> tuple[str, ...]:
+        """The rotations of the keys ("k") or values ("v") whose Fisher errors these stats hold."""
+        allowed = KEY_ROTATIONS if kind == "k" else VALUE_ROTATIONS
+        return tuple(r for r in allowed if self.fisher_err(kind, r) is not None)
 
     # ------------------------------------------------------------------ per-layer norms
     # Per-layer activation norms are root-sum-squares over heads. For Frobenius this is exact; for the

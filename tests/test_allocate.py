@@ -303,9 +303,23 @@ def test_auto_rotation_picks_the_better_rotation_per_layer():
     assert fixed.plan.rotate == a.plan.rotate
     with pytest.raises(KvqError, match="use method 'fisher'"):
         allocate_detailed(s, 3.0, method="norm", rotate="auto")
-    with pytest.raises(KvqError, match="no Hadamard Fisher errors"):
+    with pytest.raises(KvqError, match="no rotated Fisher errors"):
         allocate_detailed(synthetic_stats(4, 2, 16, seed=1), 3.0, method="fisher", rotate="auto")
-    with pytest.raises(KvqError, match="no Hadamard Fisher errors"):
+    with pytest.raises(KvqError, match="no Fisher errors of hadamard keys"):
         allocate_detailed(synthetic_stats(4, 2, 16, seed=1), 3.0, method="fisher", rotate="hadamard")
+    with pytest.raises(KvqError, match="no Fisher errors of prerope keys"):
+        allocate_detailed(s, 3.0, method="fisher", rotate="prerope")
+    # a third choice for keys: before RoPE, far better on layer 3; and keys and values choose apart:
+    # layer 0's values quantize far better rotated, its keys do not
+    kp = s.k_fisher_err.copy()
+    kp[3] *= 0.01
+    vh2 = vh.copy()
+    vh2[0] *= 0.01
+    s3 = dataclasses.replace(s, k_fisher_err_prerope=kp, v_fisher_err_hadamard=vh2)
+    a3 = allocate_detailed(s3, 3.0, method="fisher", rotate="auto")
+    assert a3.plan.rotate == ("none/hadamard", "hadamard", "none", "prerope")
+    assert [a3.plan.key_rotation(i) for i in range(4)] == ["none", "hadamard", "none", "prerope"]
+    assert [a3.plan.value_rotation(i) for i in range(4)] == ["hadamard", "hadamard", "none", "none"]
+    assert a3.total_err <= allocate_detailed(s3, 3.0, method="fisher", rotate=a.plan.rotate).total_err
     with pytest.raises(KvqError, match="4 layers but 3 rotations"):
         allocate_detailed(s, 3.0, method="fisher", rotate=("none",) * 3)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from kvq_jax.cli import main
+from kvq_jax.plan import join_rotation, split_rotation
 
 
 def _helpers() -> ModuleType:
@@ -299,6 +300,15 @@ def test_eval_quantized_json(capsys, files):
     assert res["stored_bits"] == pytest.approx(res["effective_bits"])  # every layer global: the same
     assert res["data_bits"] == 3.0 and fp["data_bits"] == 32.0 and fp["stored_bits"] == pytest.approx(32.0, rel=1e-3)
     assert res["kv_cache_bytes"] > 0
+    # the tokens fed one at a time after the prefill, apart: they read the quantized cache
+    assert res["tokens_decoded"] == 2 * (128 - 1 - 8)
+    assert res["kl_vs_fp_decoded"] * res["tokens_decoded"] <= res["kl_vs_fp"] * res["tokens_scored"] + 1e-6
+    assert res["ppl_decoded"] > res["ppl_fp_decoded"] and 0.5 <= res["top1_decoded"] <= 1
+    # a window that never leaves the full-precision ring: the decoded tokens score as fp
+    rc, out, err = cli(capsys, *common, "--kv", "K4V2", "--prefill", "8", "--residual", "128")
+    assert rc == 0, err
+    whole = _json(out)
+    assert whole["ppl_decoded"] == pytest.approx(whole["ppl_fp_decoded"], rel=1e-5) and whole["kl_vs_fp_decoded"] < 1e-6
     # the sink and ring in bf16: 2 bytes less per element of them (4 + 64 tokens, K and V, 2 rows)
     rc, out, err = cli(capsys, *common, "--kv", "K4V2", "--prefill", "8", "--residual", "64",
                        "--window-dtype", "bfloat16")
@@ -308,6 +318,12 @@ def test_eval_quantized_json(capsys, files):
     window = 2 * CFG.n_layers * 2 * CFG.n_kv_heads * CFG.head_dim * (4 + 64)
     assert res["kv_cache_bytes"] - half["kv_cache_bytes"] == 2 * window
     assert half["ppl"] == pytest.approx(res["ppl"], rel=0.05)
+    # keys stored before RoPE: the same bytes, another (finite) result
+    rc, out, err = cli(capsys, *common, "--kv", "K4V2", "--prefill", "8", "--residual", "64", "--rotate", "prerope")
+    assert rc == 0, err
+    pre = _json(out)
+    assert "rotate prerope" in pre["kv"] and pre["kv_cache_bytes"] == res["kv_cache_bytes"]
+    assert math.isfinite(pre["ppl"]) and pre["ppl"] != res["ppl"]
 
 
 def test_bench_json(capsys, files):
@@ -364,7 +380,8 @@ def test_analyze_writes_a_plan_that_eval_accepts(capsys, files, tmp_path):
     assert rc == 0, err
     auto = json.loads(plan_path.read_text())
     assert "rotations chosen per layer" in auto["note"]
-    assert auto["rotate"] in ("none", "hadamard") or set(auto["rotate"]) == {"hadamard", "none"}
+    rotations = {auto["rotate"]} if isinstance(auto["rotate"], str) else set(auto["rotate"])
+    assert all(join_rotation(*split_rotation(r)) == r for r in rotations)  # valid, in canonical form
     rc, out, err = cli(capsys, "eval", "--model", files["model"], "--text", files["text"], "--context", "128",
                        "--windows", "2", "--kv", plan_path, "--prefill", "8", "--json", "--no-progress")
     assert rc == 0 and math.isfinite(_json(out)["ppl"]), err

@@ -154,12 +154,57 @@ def test_hadamard_errors_are_those_of_the_rotated_cache(stats):
     assert float(ke_rot[1]) < 1e-3 * float(ke_rot[0])
 
 
+def test_prerope_errors_are_those_of_keys_quantized_before_rope(stats):
+    """analyze measures keys stored before RoPE: values keep their unrotated errors; the key errors
+    are those of RoPE(qdq(RoPE^-1(k))). Keys whose per-channel structure RoPE smears (a channel pair
+    with a constant offset, fast rotation) quantize far better before RoPE."""
+    from kvq_jax.rotations import apply_rope
+
+    assert np.all(np.isfinite(stats.k_fisher_err_prerope)) and not np.allclose(stats.k_fisher_err_prerope,
+                                                                                stats.k_fisher_err)
+    assert stats.fisher_rotations("k") == ("none", "hadamard", "prerope")
+    assert stats.fisher_rotations("v") == ("none", "hadamard")
+    rng = np.random.default_rng(1)
+    b, t, h, d = 1, 256, 1, 32
+    rope = (10000.0, None)
+    pos = jnp.arange(t)[None, :, None]
+    k_pre = rng.standard_normal((b, t, h, d)) * 0.1
+    k_pre[..., 0] += 8.0  # a large steady channel: before RoPE one narrow range per group
+    k = apply_rope(jnp.asarray(k_pre, jnp.float32), pos, rope)
+    q = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+    grad = jnp.ones((b, t, h, d), jnp.float32)
+    kw = dict(bits=(2.0,), key_axis="channel", value_axis="token", group_k=32, group_v=32, sink=0,
+              residual=32, block=32, scale_dtype="float32")
+    ke_post, ve = fisher.layer_fisher_errors(q, k, v, grad, **kw)
+    ke_pre, ve_pre = fisher.layer_fisher_errors(q, k, v, grad, rotate="prerope", rope=rope, **kw)
+    assert ve_pre is None and float(ke_pre[0]) < 0.2 * float(ke_post[0])
+    # the same as quantizing k_pre directly, then rotating
+    q_pre = fisher.qdq_body(jnp.asarray(k_pre, jnp.float32), 2.0, "channel", 32, 0, 32, jnp.float32)
+    k_hat = apply_rope(q_pre, pos, rope)
+    mask = jnp.asarray(fisher.protocol_mask(t, 0, 32, 32))
+    ref = fisher.mixed_attention(q, k, v, k, v, jnp.zeros_like(mask))
+    want = 0.5 * jnp.sum((fisher.mixed_attention(q, k, v, k_hat, v, mask) - ref) ** 2)
+    np.testing.assert_allclose(float(ke_pre[0]), float(want), rtol=1e-3)
+
+
+def test_analyze_measures_only_the_rotations_asked(model, windows):
+    s = analyze(model, windows[:1], bits=(2, 4), group_k=32, group_v=32, residual=32, sink=2, progress=False,
+                rotations=("prerope",))
+    assert s.fisher_rotations("k") == ("none", "prerope") and s.fisher_rotations("v") == ("none",)
+    assert s.k_fisher_err_hadamard is None
+    with pytest.raises(KvqError, match="cannot measure rotation 'spin'"):
+        analyze(model, windows[:1], bits=(2,), group_k=32, group_v=32, residual=32, progress=False,
+                rotations=("spin",))
+
+
 def test_auto_rotation_allocates_with_the_rotated_errors(stats):
     kw = dict(group_k=32, group_v=32, residual=32, sink=2)
     a = allocate_detailed(stats, 3.0, method="fisher", rotate="auto", **kw)
     plain = allocate_detailed(stats, 3.0, method="fisher", **kw)
     rotated = allocate_detailed(stats, 3.0, method="fisher", rotate="hadamard", **kw)
-    assert a.total_err <= min(plain.total_err, rotated.total_err) + 1e-12
+    pre = allocate_detailed(stats, 3.0, method="fisher", rotate="prerope", **kw)
+    assert a.total_err <= min(plain.total_err, rotated.total_err, pre.total_err) + 1e-12
     assert a.spent <= 3.0 + 1e-12 and "rotations chosen per layer" in a.plan.note
     a.plan.validate(CFG)
     # an all-rotated allocation's predicted errors are read from the Hadamard tables
