@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import gc
+import getpass
 import importlib.util
 import os
+import tempfile
 
 import jax
 import pytest
 
 jax.config.update("jax_platforms", "cpu")
+
+# A persistent XLA cache shared by the session, its xdist workers and the subprocesses the tests start
+# (the CLI, the 8-device session, the 2-process run): test modules compile many identical programs
+# (the caches are cleared after each module, below), and a rerun compiles nothing it compiled before.
+# Opt out with KVQ_JAX_TEST_XLA_CACHE=0.
+if os.environ.get("KVQ_JAX_TEST_XLA_CACHE") != "0":
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                          os.path.join(tempfile.gettempdir(), f"kvq-jax-tests-xla-{getpass.getuser()}"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 # The 8-device tests run in their own pytest session (tests/test_sharding.py starts it), so this one
 # keeps a single device.
