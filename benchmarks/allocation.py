@@ -15,7 +15,7 @@ from kvq_jax.allocate import allocate_detailed, layer_tokens_at
 from kvq_jax.analysis import analyze
 from kvq_jax.evaluate import evaluate, text_windows
 from kvq_jax.loading import load
-from kvq_jax.plan import parse_kv
+from kvq_jax.plan import ROTATIONS, parse_kv
 from kvq_jax.report import write_report
 from kvq_jax.stats import KVStats
 
@@ -35,8 +35,12 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="a model name or a GGUF file")
     ap.add_argument("--prefill", type=int, default=64)
     ap.add_argument("--calib-context", type=int, default=None, help="calibration window (default: --context)")
-    ap.add_argument("--rotate", default="none", choices=("none", "hadamard", "auto"),
+    ap.add_argument("--rotate", default="none", choices=ROTATIONS + ("auto",),
                     help="the allocated plans' rotation (auto: per layer, fisher only)")
+    ap.add_argument("--uniform-rotations", nargs="+", default=["none"], choices=ROTATIONS,
+                    help="score each uniform KbVb plan under each of these rotations")
+    ap.add_argument("--uniform", nargs="+", default=None,
+                    help="the uniform plans to score (default: those of each budget, K3V3 and K4V2 at 3)")
     ap.add_argument("--target-context", type=int, default=None,
                     help="also run each rule under a memory budget: bits per element the cache holds at this context")
     args = ap.parse_args()
@@ -51,13 +55,15 @@ def main() -> None:
         stats = KVStats.load(stats_path)
     else:
         stats = analyze(model, text_windows(tok, calib, args.calib_context or args.context, args.calib_windows),
-                        progress=False,
+                        progress=True,
                         meta={"calib_file": os.path.basename(args.text) + " (first half)"})
         stats.save(stats_path)
     for budget in args.budgets:
         for method in args.methods:
             if method == "uniform":
-                runs = [(spec, parse_kv(spec, model.cfg.n_layers), budget) for spec in UNIFORM.get(budget, ())]
+                runs = [(spec + ("" if rot == "none" else f" {rot}"), parse_kv(spec, model.cfg.n_layers, rotate=rot),
+                         budget) for spec in UNIFORM.get(budget, ()) if args.uniform is None or spec in args.uniform
+                        for rot in args.uniform_rotations]
             else:
                 rot = "" if args.rotate == "none" else f" rotate={args.rotate}"
                 alloc = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name,

@@ -4,7 +4,10 @@ python benchmarks/plot_allocation.py benchmarks/results/gemma3/allocation_4096.j
     --out benchmarks/results/gemma3/ppl_vs_bits_4096.png
 
 x: the cache's real bytes (codes, scales, zeros, sink, window and padding) x 8 per K/V element it
-holds (`stored_bits`; older results: computed from `kv_cache_bytes`); y: ppl vs fp in percent.
+holds (`stored_bits`; older results: computed from `kv_cache_bytes`); y: ppl vs fp in percent, of the
+tokens fed through the cache after the prefill (`ppl_decoded`: they read the quantized window) where
+the results have it (`--metric all`: every token of the window; `--metric kl`: the decoded tokens'
+KL from the fp model, steadier than a ppl over ~1k tokens).
 """
 
 from __future__ import annotations
@@ -28,9 +31,20 @@ def stored_bits(r: dict, cfg) -> float:
 
 def series_name(r: dict) -> str:
     if r["method"] == "uniform":
-        return "uniform KbVb"
+        rot = r["label"].split(" ", 1)[1] if " " in r["label"] else None  # "K4V2 prerope"
+        return "uniform KbVb" + (f", {rot}" if rot else "")
     rot = r["label"].split(" rotate=")[1] if " rotate=" in r["label"] else None
     return r["method"] + (" (memory budget)" if "memory@" in r["label"] else "") + (f", rotate {rot}" if rot else "")
+
+
+def cost(r: dict, metric: str) -> float:
+    """ppl vs fp in percent: of the decoded tokens (when measured) or of every token; or the decoded
+    tokens' KL vs fp."""
+    if metric == "kl":
+        return r["kl_vs_fp_decoded"]
+    if metric == "decoded" and "ppl_decoded" in r:
+        return 100 * (r["ppl_decoded"] / r["ppl_fp_decoded"] - 1)
+    return 100 * (r["ppl"] / r["ppl_fp"] - 1)
 
 
 def main() -> None:
@@ -39,6 +53,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--title", default=None)
     ap.add_argument("--model", default="gemma3-270m", help="the model of the results (its layer windows)")
+    ap.add_argument("--metric", default="decoded", choices=("decoded", "all", "kl"))
     args = ap.parse_args()
     cfg = ModelConfig.from_gguf_metadata(read_metadata(resolve_model(args.model)), has_output_weight=False)
     with open(args.jsonl) as f:
@@ -51,14 +66,17 @@ def main() -> None:
     for name, rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: stored_bits(r, cfg))
         x = [stored_bits(r, cfg) for r in rs]
-        y = [100 * (r["ppl"] / r["ppl_fp"] - 1) for r in rs]
-        ax.plot(x, y, "o-" if name != "uniform KbVb" else "s", label=name)
+        y = [cost(r, args.metric) for r in rs]
+        uniform = name.startswith("uniform")
+        ax.plot(x, y, "o-" if not uniform else "s", label=name)
         for r, xi, yi in zip(rs, x, y):
-            tag = r["label"] if name == "uniform KbVb" else f"{r['budget']:g}b"
+            tag = r["label"].split()[0] if uniform else f"{r['budget']:g}b"
             ax.annotate(tag, (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7)
     first = rows[0]
     ax.set_xlabel(f"stored bits per K/V element held at {first['context']} tokens")
-    ax.set_ylabel("ppl vs fp (%)")
+    decoded = args.metric in ("decoded", "kl") and "ppl_decoded" in first
+    after = f", the {first['context'] - first['prefill'] - 1} tokens after the prefill" if decoded else ""
+    ax.set_ylabel(("KL vs fp (nats/token)" if args.metric == "kl" else "ppl vs fp (%)") + after)
     ax.set_title(args.title or f"{first['model']}, {first['windows']} windows of {first['context']}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -10,6 +10,8 @@ import json
 import os
 import re
 
+from kvq_jax.plan import split_rotation
+
 
 def _rows(path: str) -> list[dict]:
     if not os.path.exists(path):
@@ -39,6 +41,35 @@ def allocation(rows: list[dict]) -> str:
         name = r["label"] if r["method"] == "uniform" else f"{r['method']} rule"
         out.append(f"| {r['budget']:g} | {name} | {r['spent']:.2f} | {r['ppl']:.3f} | {_rel(r)} | "
                    f"{r['kl_vs_fp']:.4f} | {r['top1_agreement']:.3f} |")
+    return "\n".join(out)
+
+
+def _pct(a: float, b: float) -> str:
+    return f"{100 * (a / b - 1):+.2f}%"
+
+
+def _rotations(per_layer: list[str]) -> str:
+    """How many layers rotate their keys and their values, and how: "K prerope 12, hadamard 3; V ..."."""
+    sides = [split_rotation(x) for x in per_layer]
+    out = []
+    for i, name in ((0, "K"), (1, "V")):
+        counts = [f"{x} {n}" for x in ("hadamard", "prerope") if (n := sum(s[i] == x for s in sides))]
+        if counts:
+            out.append(f"{name} " + ", ".join(counts))
+    return "; ".join(out) or "none"
+
+
+def long_context(rows: list[dict]) -> str:
+    """An allocation.jsonl at long context: the decoded tokens (after the prefill, reading the
+    quantized window) first, every token of the window after."""
+    out = ["| cache | data bits | stored bits / element | ppl, decoded tokens | vs fp | KL | top-1 | "
+           "ppl, all tokens: vs fp | rotations |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in sorted(rows, key=lambda r: (r["budget"], r["method"] != "uniform", r["label"])):
+        rots = _rotations(r.get("rotate") or [])
+        out.append(f"| {r['label']} | {r['spent']:.2f} | {r['stored_bits']:.2f} | {r['ppl_decoded']:.3f} | "
+                   f"{_pct(r['ppl_decoded'], r['ppl_fp_decoded'])} | {r['kl_vs_fp_decoded']:.4f} | "
+                   f"{r['top1_decoded']:.4f} | {_pct(r['ppl'], r['ppl_fp'])} | {rots} |")
     return "\n".join(out)
 
 
@@ -73,6 +104,10 @@ def main() -> None:
         rows = _rows(os.path.join(args.dir, f"{name}.jsonl"))
         if rows:
             print(f"### {name}\n\n{fn(rows)}\n")
+    for model in ("smollm2", "gemma3"):
+        rows = _rows(os.path.join(args.dir, "long_context", model, "allocation.jsonl"))
+        if rows:
+            print(f"### long context, {model}\n\n{long_context(rows)}\n")
 
 
 if __name__ == "__main__":
