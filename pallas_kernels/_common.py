@@ -192,7 +192,7 @@ def block_update(
     elif klay.axis == "channel":
         s = _channel_scores(q, kc, ks, kz, t0, n, klay)
     else:
-        s = dot_nt(q, kc * expand_lanes(ks, d) + expand_lanes(kz, d))
+        s = dot_nt(q, dequantize_block(kc, ks, kz, t0, klay))
     s = jnp.where(t0 + _iota((r, t), 1) < n, s, -jnp.inf)
 
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
@@ -203,7 +203,7 @@ def block_update(
     if vs is not None and vlay.axis == "channel":
         pv = _channel_values(p, vc, vs, vz, t0, n, vlay)
     else:
-        v = vc if vs is None else vc * expand_lanes(vs, d) + expand_lanes(vz, d)
+        v = vc if vs is None else dequantize_block(vc, vs, vz, t0, vlay)
         v = jnp.where(t0 + _iota((t, d), 0) < n, v, 0.0)  # 0 * garbage (NaN padding) is NaN
         pv = dot_nn(p, v)
     return m_new, l, alpha * acc + pv

@@ -233,10 +233,9 @@ def test_lowers_for_triton(kspec, vspec, r, d):
     assert "triton" in _lower("cuda", args, static, "gpu")
 
 
-@pytest.mark.parametrize("kspec,vspec,r,d", CASES, ids=lambda x: str(x))
-def test_lowers_for_mosaic(kspec, vspec, r, d, monkeypatch):
-    # Pallas → Mosaic MLIR (block-shape rules, supported primitives); Mosaic's layout passes run
-    # only inside the TPU compiler. The lowering asks for the chip's tiling: pretend a v5e.
+def _mosaic_case(kspec, vspec, r: int, d: int, monkeypatch) -> tuple[tuple, dict]:
+    """A case of two TPU blocks (the last token masked), with the lowering pretending a v5e: Mosaic
+    asks for the chip's tiling."""
     try:
         from jax._src.pallas.mosaic import tpu_info
         chip = tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1)
@@ -246,7 +245,14 @@ def test_lowers_for_mosaic(kspec, vspec, r, d, monkeypatch):
     klay, vlay = C.Layout.make(*kspec, d), C.Layout.make(*vspec, d)
     groups = math.lcm(*(s[2] for s in (kspec, vspec) if s[1] == "channel"))
     n = -(-2 * tpu_block_unit(klay, vlay) // groups) * groups
-    args, static = _case(1, 2, r, d, n, [n - 3], kspec, vspec)
+    return _case(1, 2, r, d, n, [n - 3], kspec, vspec)
+
+
+@pytest.mark.parametrize("kspec,vspec,r,d", CASES, ids=lambda x: str(x))
+def test_lowers_for_mosaic(kspec, vspec, r, d, monkeypatch):
+    # Pallas → Mosaic MLIR (block-shape rules, supported primitives); Mosaic's layout passes run
+    # only inside the TPU compiler.
+    args, static = _mosaic_case(kspec, vspec, r, d, monkeypatch)
     assert "tpu_custom_call" in _lower("tpu", args, static, "tpu")
 
 
@@ -318,14 +324,5 @@ def test_prerope_lowers_for_triton(kspec, vspec, r, d, rope, pos0):
 
 @pytest.mark.parametrize("kspec,vspec,r,d,rope,pos0", ROPE_CASES, ids=lambda x: str(x))
 def test_prerope_lowers_for_mosaic(kspec, vspec, r, d, rope, pos0, monkeypatch):
-    try:
-        from jax._src.pallas.mosaic import tpu_info
-        chip = tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1)
-        monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind, lambda: chip)
-    except (ImportError, AttributeError) as e:
-        pytest.skip(f"jax internals moved: {e}")
-    klay, vlay = C.Layout.make(*kspec, d), C.Layout.make(*vspec, d)
-    groups = math.lcm(*(s[2] for s in (kspec, vspec) if s[1] == "channel"))
-    n = -(-2 * tpu_block_unit(klay, vlay) // groups) * groups
-    args, static = _case(1, 2, r, d, n, [n - 3], kspec, vspec)
+    args, static = _mosaic_case(kspec, vspec, r, d, monkeypatch)
     assert "tpu_custom_call" in _lower("tpu", args, dict(static, k_rope=rope, pos0=pos0), "tpu")
