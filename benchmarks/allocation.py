@@ -13,14 +13,14 @@ import os
 
 from kvq_jax.allocate import allocate_detailed, layer_tokens_at
 from kvq_jax.analysis import analyze
-from kvq_jax.evaluate import evaluate, text_windows
+from kvq_jax.evaluate import evaluate_plans, text_windows
 from kvq_jax.loading import load
 from kvq_jax.plan import ROTATIONS, parse_kv
 from kvq_jax.report import write_report
 from kvq_jax.stats import KVStats
 
 # Uniform baselines at each budget (K4V2 and K3V3 both spend 3 data bits).
-UNIFORM = {2.0: ("K2V2",), 2.5: ("K3V2",), 3.0: ("K3V3", "K4V2"), 4.0: ("K4V4",)}
+UNIFORM = {2.0: ("K2V2",), 2.5: ("K3V2",), 3.0: ("K3V3", "K4V2"), 4.0: ("K4V4",), 8.0: ("K8V8",)}
 
 
 def main() -> None:
@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=6)
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.0, 2.5, 3.0, 4.0])
     ap.add_argument("--methods", nargs="+", default=["uniform", "norm", "sensitivity", "fisher"])
+    ap.add_argument("--rule-budgets", type=float, nargs="+", default=None,
+                    help="the budgets at which the allocation rules run (default: --budgets)")
     ap.add_argument("--model", default="smollm2-135m", help="a model name or a GGUF file")
     ap.add_argument("--prefill", type=int, default=64)
     ap.add_argument("--calib-context", type=int, default=None, help="calibration window (default: --context)")
@@ -58,33 +60,37 @@ def main() -> None:
                         progress=True,
                         meta={"calib_file": os.path.basename(args.text) + " (first half)"})
         stats.save(stats_path)
+    runs = []  # (label, method, budget, plan, data bits spent)
     for budget in args.budgets:
         for method in args.methods:
             if method == "uniform":
-                runs = [(spec + ("" if rot == "none" else f" {rot}"), parse_kv(spec, model.cfg.n_layers, rotate=rot),
-                         budget) for spec in UNIFORM.get(budget, ()) if args.uniform is None or spec in args.uniform
-                        for rot in args.uniform_rotations]
-            else:
-                rot = "" if args.rotate == "none" else f" rotate={args.rotate}"
-                alloc = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name,
-                                          rotate=args.rotate)
-                name = f"{'' if slug == 'smollm2' else slug + '_'}plan_{method}_{budget:g}"
-                alloc.plan.save(os.path.join(args.out_dir, name + ("" if not rot else f"_{args.rotate}") + ".json"))
-                runs = [(method + rot, alloc.plan, float(alloc.spent))]
-                if args.target_context:  # the same average over the elements the cache really holds
-                    mem = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name, rotate=args.rotate,
-                                            layer_tokens=layer_tokens_at(model.cfg, args.target_context))
-                    runs.append((f"{method} memory@{args.target_context}{rot}", mem.plan, float(mem.spent)))
-            for label, kv, spent in runs:
-                r = evaluate(model, tok, held_out, context=args.context, windows=args.windows, kv=kv,
-                             prefill=args.prefill, progress=False)
-                r.update(label=label, method=method, budget=budget, spent=spent,
-                         k_bits=[s.bits for s in kv.keys], v_bits=[s.bits for s in kv.values],
-                         rotate=[kv.rotation(i) for i in range(kv.n_layers)])
-                line = json.dumps(r)
-                print(line, flush=True)
-                with open(os.path.join(args.out_dir, "allocation.jsonl"), "a") as f:
-                    f.write(line + "\n")
+                runs += [(spec + ("" if rot == "none" else f" {rot}"), method, budget,
+                          parse_kv(spec, model.cfg.n_layers, rotate=rot), budget)
+                         for spec in UNIFORM.get(budget, ()) if args.uniform is None or spec in args.uniform
+                         for rot in args.uniform_rotations]
+                continue
+            if args.rule_budgets is not None and budget not in args.rule_budgets:
+                continue
+            rot = "" if args.rotate == "none" else f" rotate={args.rotate}"
+            alloc = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name, rotate=args.rotate)
+            name = f"{'' if slug == 'smollm2' else slug + '_'}plan_{method}_{budget:g}"
+            alloc.plan.save(os.path.join(args.out_dir, name + ("" if not rot else f"_{args.rotate}") + ".json"))
+            runs.append((method + rot, method, budget, alloc.plan, float(alloc.spent)))
+            if args.target_context:  # the same average over the elements the cache really holds
+                mem = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name, rotate=args.rotate,
+                                        layer_tokens=layer_tokens_at(model.cfg, args.target_context))
+                runs.append((f"{method} memory@{args.target_context}{rot}", method, budget, mem.plan, float(mem.spent)))
+    # One fp reference stream for every plan.
+    results = evaluate_plans(model, tok, held_out, [kv for *_, kv, _ in runs], context=args.context,
+                             windows=args.windows, prefill=args.prefill, progress=True)
+    for (label, method, budget, kv, spent), r in zip(runs, results):
+        r.update(label=label, method=method, budget=budget, spent=spent,
+                 k_bits=[s.bits for s in kv.keys], v_bits=[s.bits for s in kv.values],
+                 rotate=[kv.rotation(i) for i in range(kv.n_layers)])
+        line = json.dumps(r)
+        print(line, flush=True)
+        with open(os.path.join(args.out_dir, "allocation.jsonl"), "a") as f:
+            f.write(line + "\n")
     # The report shows every rule's plan at 3 bits, whichever methods this run evaluated.
     plans = {m: allocate_detailed(stats, 3.0, method=m, model_name=model.cfg.name).plan
              for m in ("norm", "sensitivity", "fisher")}

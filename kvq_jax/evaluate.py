@@ -13,7 +13,7 @@ import functools
 import math
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -122,30 +122,34 @@ def _prefill_chunked(model: Transformer, tokens: Array, cache, chunk: int, impl:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prefill", "chunk", "impl", "progress", "protocol"))
-def _teacher_forced(graphdef, state, tokens: Array, cache, ref_cache, *, prefill: int, chunk: int, impl: str,
-                    progress: Callable[[Array], None] | None, protocol: str):
-    """Runs the cache and the fp reference cache side by side; returns summed statistics."""
+def _teacher_forced(graphdef, state, tokens: Array, cache, *, prefill: int, chunk: int, impl: str,
+                    progress: Callable[[Array], None] | None, protocol: str) -> tuple[Array, Any]:
+    """Feeds windows `[B, T]` through the empty `cache`: the first `prefill` tokens as a prompt, the
+    rest one at a time (teacher forcing). Returns the hidden states `[B, T - 1, dim]` that predict
+    tokens 1.. and the filled cache."""
     model = nnx.merge(graphdef, state)
     h, cache = _prefill_chunked(model, tokens[:, :prefill], cache, chunk, impl, protocol)
-    h_ref, ref_cache = model.hidden(tokens[:, :prefill], ref_cache)
-    target = tokens[:, 1: prefill + 1]
-    sums = _score(model, h, h_ref, target, jnp.ones(target.shape, bool))
-    pre = sums
 
-    def step(carry, t):
-        cache, ref_cache, acc = carry
+    def step(cache, t):
         x = jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1)
-        target = jax.lax.dynamic_slice_in_dim(tokens, t + 1, 1, axis=1)[:, 0]
-        lg, cache = model(x, cache, attention_impl=impl, last_only=True)
-        rlg, ref_cache = model(x, ref_cache, last_only=True)
-        s = _token_stats(_logprobs(lg), _logprobs(rlg), target)
+        hs, cache = model.hidden(x, cache, attention_impl=impl)
         if progress is not None:
             jax.debug.callback(progress, t)  # a counter: order does not matter (and ordered effects are single-device)
-        return (cache, ref_cache, acc + jnp.stack([jnp.sum(v) for v in s])), None
+        return cache, hs[:, 0]
 
-    steps = jnp.arange(prefill, tokens.shape[1] - 1)
-    (cache, _, sums), _ = jax.lax.scan(step, (cache, ref_cache, sums), steps)
-    return sums, pre, cache
+    cache, hd = jax.lax.scan(step, cache, jnp.arange(prefill, tokens.shape[1] - 1))  # hd [steps, B, dim]
+    return jnp.concatenate([h, jnp.moveaxis(hd, 0, 1).astype(h.dtype)], axis=1), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prefill"))
+def _scores(graphdef, state, h: Array, h_ref: Array, tokens: Array, *, prefill: int) -> tuple[Array, Array]:
+    """Summed (NLL, reference NLL, KL, top-1) `[4]` over every scored token, and over the prompt's."""
+    model = nnx.merge(graphdef, state)
+    target = tokens[:, 1:]
+    valid = jnp.ones(target.shape, bool)
+    pre = _score(model, h[:, :prefill], h_ref[:, :prefill], target[:, :prefill], valid[:, :prefill])
+    dec = _score(model, h[:, prefill:], h_ref[:, prefill:], target[:, prefill:], valid[:, prefill:])
+    return pre + dec, pre
 
 
 def kv_name(kv: KVPlan | DenseKV) -> str:
@@ -183,7 +187,7 @@ def evaluate(model: Transformer, tok: Tokenizer, text: str, *, context: int = 51
              progress: bool = True, model_name: str | None = None,
              prefill_chunk: int | None = None, mesh: Any = None, rules: Any = None,
              prefill_protocol: str | None = None) -> dict[str, Any]:
-    """Scores the text; returns the JSON-ready result dict.
+    """Scores the text with one cache; returns the JSON-ready result dict.
 
     `mesh` (`kvq_jax.make_mesh`) spreads the windows (rows), heads and cache tokens over devices as
     `rules` say; the parameters are laid out on it in place.
@@ -194,73 +198,96 @@ def evaluate(model: Transformer, tok: Tokenizer, text: str, *, context: int = 51
     numbers of one shot), while under "cached" chunks attend to the quantized earlier chunks, as
     decoding does.
     """
+    return next(evaluate_plans(model, tok, text, [kv], context=context, windows=windows, prefill=prefill,
+                               attention_impl=attention_impl, progress=progress, model_name=model_name,
+                               prefill_chunk=prefill_chunk, mesh=mesh, rules=rules,
+                               prefill_protocol=prefill_protocol))
+
+
+def evaluate_plans(model: Transformer, tok: Tokenizer, text: str, kvs: Sequence[KVPlan | DenseKV], *,
+                   context: int = 512, windows: int = 6, prefill: int = 64, attention_impl: str = "auto",
+                   progress: bool = True, model_name: str | None = None, prefill_chunk: int | None = None,
+                   mesh: Any = None, rules: Any = None, prefill_protocol: str | None = None) -> Iterator[dict[str, Any]]:
+    """`evaluate` for each cache of `kvs` in turn, yielding each result as it is ready. The fp
+    reference stream (the same windows through a float32 cache) is run once and shared."""
     from kvq_jax.attention import resolve_impl
     from kvq_jax.decode import check_prefill_chunk
 
     chunk = check_prefill_chunk(prefill_chunk)
     protocol = staging.check_protocol(prefill_protocol)
-
     impl = resolve_impl(attention_impl)
     if context > model.cfg.max_seq_len:
         raise KvqError(f"--context {context} exceeds the model's context of {model.cfg.max_seq_len} tokens")
+    if any(not (isinstance(kv, DenseKV) and kv.dtype == "float32") for kv in kvs) and not 1 <= prefill < context:
+        raise KvqError(f"--prefill must be in [1, {context - 1}], got {prefill}")
     data = text_windows(tok, text, context, windows)
     n_win = data.shape[0]
     scored = n_win * (context - 1)
+    n_steps = context - 1 - prefill
     tokens = jnp.asarray(data)
-    graphdef, state = nnx.split(model)
     cfg = model.cfg
-    result: dict[str, Any] = {
-        "model": model_name or cfg.name, "kv": kv_name(kv), "windows": n_win, "context": context,
-        "tokens_scored": scored, "attention": impl, "bos": tok.uses_bos,
-    }
-    dtype = model.embed.get_value().dtype
     if mesh is not None:
         from kvq_jax.sharding import prepare
 
         prepare(model, mesh, n_win, rules)
-        graphdef, state = nnx.split(model)
-        result["mesh"] = dict(mesh.shape)
-    if isinstance(kv, DenseKV) and kv.dtype == "float32":
+    graphdef, state = nnx.split(model)
+    dtype = model.embed.get_value().dtype
+
+    def run(kv: KVPlan | DenseKV, chunk: int, impl: str) -> tuple[Array, Any, float]:
+        """The windows through a fresh `kv` cache: hidden states, the filled cache, seconds taken."""
         cache = init_cache(cfg, kv, n_win, context, dtype, mesh=mesh, rules=rules)
-        fn = _full_forward_nll.lower(graphdef, state, tokens, cache).compile()
+        bar = tqdm(total=n_steps, desc=f"eval {kv_name(kv)}", file=sys.stderr, disable=not progress,
+                   unit="tok", leave=False)
+        cb = (lambda t: bar.update(1)) if progress else None
+        fn = _teacher_forced.lower(graphdef, state, tokens, cache, prefill=prefill, chunk=chunk,
+                                   impl=impl, progress=cb, protocol=protocol).compile()
         t0 = time.perf_counter()
-        nll = float(to_host(fn(state, tokens, cache)))
-        dt = time.perf_counter() - t0
-        ppl = math.exp(nll / scored)
-        result.update(ppl=ppl, ppl_fp=ppl, kl_vs_fp=0.0, top1_agreement=1.0,
-                      kv_cache_bytes=cache.nbytes(), kv_cache_bytes_bf16=bf16_bytes(model, n_win, context),
-                      **bits_report(cfg, kv, cache.nbytes(), n_win, context), tokens_per_s=scored / dt)
-        return result
-    if not 1 <= prefill < context:
-        raise KvqError(f"--prefill must be in [1, {context - 1}], got {prefill}")
-    cache = init_cache(cfg, kv, n_win, context, dtype, mesh=mesh, rules=rules)
-    ref = init_cache(cfg, DenseKV("float32"), n_win, context, dtype, mesh=mesh, rules=rules)
-    n_steps = context - 1 - prefill
-    bar = tqdm(total=n_steps, desc=f"eval {kv_name(kv)}", file=sys.stderr, disable=not progress,
-               unit="tok", leave=False)
-    cb = (lambda t: bar.update(1)) if progress else None
-    fn = _teacher_forced.lower(graphdef, state, tokens, cache, ref, prefill=prefill, chunk=chunk,
-                               impl=impl, progress=cb, protocol=protocol).compile()
-    t0 = time.perf_counter()
-    sums, pre, cache = fn(state, tokens, cache, ref)
-    sums = to_host(jax.block_until_ready(sums))
-    pre = to_host(pre)
-    dt = time.perf_counter() - t0
-    bar.close()
-    nll, nll_ref, kl, top1 = (float(x) for x in sums)
-    # The tokens fed one at a time after the prefill: each reads a cache that holds the window so far
-    # quantized (a one-shot prefill's own tokens attend to the prompt at full precision).
-    d_nll, d_ref, d_kl, d_top1 = (float(x) - float(y) for x, y in zip(sums, pre))
-    dec = max(n_win * n_steps, 1)
-    result.update(
-        prefill=prefill, prefill_chunk=chunk, prefill_protocol=protocol if 0 < chunk < prefill else "one shot",
-        ppl=math.exp(nll / scored), ppl_fp=math.exp(nll_ref / scored),
-        kl_vs_fp=kl / scored, tokens_decoded=n_win * n_steps, ppl_decoded=math.exp(d_nll / dec),
-        ppl_fp_decoded=math.exp(d_ref / dec), kl_vs_fp_decoded=d_kl / dec, top1_decoded=d_top1 / dec,
-        top1_agreement=top1 / scored, kv_cache_bytes=cache.nbytes(),
-        kv_cache_bytes_bf16=bf16_bytes(model, n_win, context), **bits_report(cfg, kv, cache.nbytes(), n_win, context),
-        tokens_per_s=scored / dt,
-    )
-    if not all(math.isfinite(result[k]) for k in ("ppl", "ppl_fp", "kl_vs_fp")):
-        raise KvqError("evaluation produced a non-finite result (see --kv settings)")
-    return result
+        h, cache = fn(state, tokens, cache)
+        h = jax.block_until_ready(h)
+        bar.close()
+        return h, cache, time.perf_counter() - t0
+
+    h_ref = None
+    for kv in kvs:
+        result: dict[str, Any] = {
+            "model": model_name or cfg.name, "kv": kv_name(kv), "windows": n_win, "context": context,
+            "tokens_scored": scored, "attention": impl, "bos": tok.uses_bos,
+        }
+        if mesh is not None:
+            result["mesh"] = dict(mesh.shape)
+        if isinstance(kv, DenseKV) and kv.dtype == "float32":
+            cache = init_cache(cfg, kv, n_win, context, dtype, mesh=mesh, rules=rules)
+            fn = _full_forward_nll.lower(graphdef, state, tokens, cache).compile()
+            t0 = time.perf_counter()
+            nll = float(to_host(fn(state, tokens, cache)))
+            dt = time.perf_counter() - t0
+            ppl = math.exp(nll / scored)
+            result.update(ppl=ppl, ppl_fp=ppl, kl_vs_fp=0.0, top1_agreement=1.0,
+                          kv_cache_bytes=cache.nbytes(), kv_cache_bytes_bf16=bf16_bytes(model, n_win, context),
+                          **bits_report(cfg, kv, cache.nbytes(), n_win, context), tokens_per_s=scored / dt)
+            yield result
+            continue
+        if h_ref is None:  # the fp cache's own stream: one-shot prefill, then the same steps
+            h_ref, _, _ = run(DenseKV("float32"), 0, "xla")
+        h, cache, dt = run(kv, chunk, impl)
+        t0 = time.perf_counter()
+        sums, pre = (to_host(x) for x in _scores(graphdef, state, h, h_ref, tokens, prefill=prefill))
+        dt += time.perf_counter() - t0
+        nll, nll_ref, kl, top1 = (float(x) for x in sums)
+        # The tokens fed one at a time after the prefill: each reads a cache that holds the window so far
+        # quantized (a one-shot prefill's own tokens attend to the prompt at full precision).
+        d_nll, d_ref, d_kl, d_top1 = (float(x) - float(y) for x, y in zip(sums, pre))
+        dec = max(n_win * n_steps, 1)
+        result.update(
+            prefill=prefill, prefill_chunk=chunk,
+            prefill_protocol=protocol if 0 < chunk < prefill else "one shot",
+            ppl=math.exp(nll / scored), ppl_fp=math.exp(nll_ref / scored),
+            kl_vs_fp=kl / scored, tokens_decoded=n_win * n_steps, ppl_decoded=math.exp(d_nll / dec),
+            ppl_fp_decoded=math.exp(d_ref / dec), kl_vs_fp_decoded=d_kl / dec, top1_decoded=d_top1 / dec,
+            top1_agreement=top1 / scored, kv_cache_bytes=cache.nbytes(),
+            kv_cache_bytes_bf16=bf16_bytes(model, n_win, context),
+            **bits_report(cfg, kv, cache.nbytes(), n_win, context), tokens_per_s=scored / dt,
+        )
+        if not all(math.isfinite(result[k]) for k in ("ppl", "ppl_fp", "kl_vs_fp")):
+            raise KvqError("evaluation produced a non-finite result (see --kv settings)")
+        yield result

@@ -326,6 +326,27 @@ def test_eval_quantized_json(capsys, files):
     assert math.isfinite(pre["ppl"]) and pre["ppl"] != res["ppl"]
 
 
+def test_evaluate_plans_shares_one_reference(files):
+    """Several caches scored in one call (the fp stream run once) give each cache's own numbers."""
+    from kvq_jax.evaluate import evaluate, evaluate_plans
+    from kvq_jax.loading import load
+    from kvq_jax.plan import DenseKV, parse_kv
+
+    model, tok = load(str(files["model"]))
+    text = files["text"].read_text()
+    kvs = [parse_kv("K4V2", CFG.n_layers, residual=64), DenseKV("float32"), parse_kv("K2V2", CFG.n_layers, residual=64)]
+    common = dict(context=128, windows=2, prefill=8, progress=False)
+    together = list(evaluate_plans(model, tok, text, kvs, **common))
+    assert [r["kv"] for r in together] == [evaluate(model, tok, text, kv=kv, **common)["kv"] for kv in kvs]
+    for kv, r in zip(kvs, together):
+        alone = evaluate(model, tok, text, kv=kv, **common)
+        for k in ("ppl", "ppl_fp", "kl_vs_fp", "top1_agreement", "ppl_decoded", "kl_vs_fp_decoded", "stored_bits"):
+            if k in alone:
+                assert r[k] == pytest.approx(alone[k], rel=1e-5, abs=1e-9), (r["kv"], k)
+    assert together[2]["kl_vs_fp_decoded"] > together[0]["kl_vs_fp_decoded"] > 0  # 2-bit keys cost more
+    assert together[0]["ppl_fp"] == pytest.approx(together[1]["ppl"], rel=1e-3)
+
+
 def test_bench_json(capsys, files):
     rc, out, err = cli(capsys, "bench", "--model", files["model"], "--context", "16", "--new-tokens", "4",
                        "--json")
