@@ -36,6 +36,8 @@ def main() -> None:
                     help="the budgets at which the allocation rules run (default: --budgets)")
     ap.add_argument("--model", default="smollm2-135m", help="a model name or a GGUF file")
     ap.add_argument("--prefill", type=int, default=64)
+    ap.add_argument("--stats", default=None,
+                    help="statistics file to use, or to write (default: <out-dir>/<model>_stats.npz)")
     ap.add_argument("--calib-context", type=int, default=None, help="calibration window (default: --context)")
     ap.add_argument("--rotate", default="none", choices=ROTATIONS + ("auto",),
                     help="the allocated plans' rotation (auto: per layer, fisher only)")
@@ -52,7 +54,7 @@ def main() -> None:
     calib, held_out = text[:half], text[half:]
     model, tok = load(args.model)
     slug = "smollm2" if args.model == "smollm2-135m" else os.path.basename(str(args.model)).split(".")[0]
-    stats_path = os.path.join(args.out_dir, f"{slug}_stats.npz")
+    stats_path = args.stats or os.path.join(args.out_dir, f"{slug}_stats.npz")
     if os.path.exists(stats_path):
         stats = KVStats.load(stats_path)
     else:

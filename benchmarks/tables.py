@@ -104,8 +104,9 @@ def main() -> None:
         rows = _rows(os.path.join(args.dir, f"{name}.jsonl"))
         if rows:
             print(f"### {name}\n\n{fn(rows)}\n")
-    for model in ("smollm2", "gemma3"):
-        rows = _rows(os.path.join(args.dir, "long_context", model, "allocation.jsonl"))
+    long_dir = os.path.join(args.dir, "long_context")
+    for model in sorted(os.listdir(long_dir)) if os.path.isdir(long_dir) else ():  # smollm2, gemma3, gemma3_16k
+        rows = _rows(os.path.join(long_dir, model, "allocation.jsonl"))
         if rows:
             print(f"### long context, {model}\n\n{long_context(rows)}\n")
 
