@@ -20,8 +20,12 @@ def _rows(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _pct(a: float, b: float) -> str:
+    return f"{100 * (a / b - 1):+.2f}%"
+
+
 def _rel(r: dict) -> str:
-    return f"{100 * (r['ppl'] / r['ppl_fp'] - 1):+.2f}%"
+    return _pct(r["ppl"], r["ppl_fp"])
 
 
 def quality(rows: list[dict]) -> str:
@@ -42,10 +46,6 @@ def allocation(rows: list[dict]) -> str:
         out.append(f"| {r['budget']:g} | {name} | {r['spent']:.2f} | {r['ppl']:.3f} | {_rel(r)} | "
                    f"{r['kl_vs_fp']:.4f} | {r['top1_agreement']:.3f} |")
     return "\n".join(out)
-
-
-def _pct(a: float, b: float) -> str:
-    return f"{100 * (a / b - 1):+.2f}%"
 
 
 def _rotations(per_layer: list[str]) -> str:
@@ -69,7 +69,7 @@ def long_context(rows: list[dict]) -> str:
         rots = _rotations(r.get("rotate") or [])
         out.append(f"| {r['label']} | {r['spent']:.2f} | {r['stored_bits']:.2f} | {r['ppl_decoded']:.3f} | "
                    f"{_pct(r['ppl_decoded'], r['ppl_fp_decoded'])} | {r['kl_vs_fp_decoded']:.4f} | "
-                   f"{r['top1_decoded']:.4f} | {_pct(r['ppl'], r['ppl_fp'])} | {rots} |")
+                   f"{r['top1_decoded']:.4f} | {_rel(r)} | {rots} |")
     return "\n".join(out)
 
 
