@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--calib-context", type=int, default=None, help="calibration window (default: --context)")
     ap.add_argument("--rotate", default="none", choices=ROTATIONS + ("auto",),
                     help="the allocated plans' rotation (auto: per layer, fisher only)")
+    ap.add_argument("--no-codebooks", action="store_true",
+                    help="with --rotate auto: no learned key codebooks (the plans before they existed)")
     ap.add_argument("--uniform-rotations", nargs="+", default=["none"], choices=ROTATIONS,
                     help="score each uniform KbVb plan under each of these rotations")
     ap.add_argument("--uniform", nargs="+", default=None,
@@ -73,13 +75,17 @@ def main() -> None:
                 continue
             if args.rule_budgets is not None and budget not in args.rule_budgets:
                 continue
-            rot = "" if args.rotate == "none" else f" rotate={args.rotate}"
-            alloc = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name, rotate=args.rotate)
+            rot = ("" if args.rotate == "none" else f" rotate={args.rotate}") + (" no-codebooks" if args.no_codebooks else "")
+            books = False if args.no_codebooks else None
+            alloc = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name, rotate=args.rotate,
+                                      key_codebooks=books)
             name = f"{'' if slug == 'smollm2' else slug + '_'}plan_{method}_{budget:g}"
-            alloc.plan.save(os.path.join(args.out_dir, name + ("" if not rot else f"_{args.rotate}") + ".json"))
+            suffix = ("" if args.rotate == "none" else f"_{args.rotate}") + ("_nocodebooks" if args.no_codebooks else "")
+            alloc.plan.save(os.path.join(args.out_dir, name + suffix + ".json"))
             runs.append((method + rot, method, budget, alloc.plan, float(alloc.spent)))
             if args.target_context:  # the same average over the elements the cache really holds
                 mem = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name, rotate=args.rotate,
+                                        key_codebooks=books,
                                         layer_tokens=layer_tokens_at(model.cfg, args.target_context))
                 runs.append((f"{method} memory@{args.target_context}{rot}", method, budget, mem.plan, float(mem.spent)))
     # One fp reference stream for every plan.

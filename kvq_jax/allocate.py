@@ -41,7 +41,7 @@ import numpy as np
 from kvq_jax.config import ModelConfig
 from kvq_jax.errors import KvqError
 from kvq_jax.plan import KVPlan, QuantSpec, join_rotation, split_rotation
-from kvq_jax.stats import KVStats, canonical_bits as _num
+from kvq_jax.stats import PREROPE_CODEBOOK, KVStats, canonical_bits as _num
 
 METHODS = ("fisher", "sensitivity", "norm", "weight-norm")
 NORMS = ("fro", "spec")
@@ -133,13 +133,18 @@ def allocate_detailed(
     per_head: bool = False,
     model_name: str | None = None,
     layer_tokens: Sequence[int] | None = None,
+    key_codebooks: bool | Sequence[bool] | None = None,
 ) -> Allocation:
     """Greedy rate-distortion allocation of K/V widths per layer (or per head) under `budget`.
 
     budget: mean bits per cached K/V element (see module docstring; `layer_tokens [L]` weighs each
     layer by the tokens it holds, see `layer_tokens_at`). bits: allowed widths (default
-    `stats.bits`). Raises KvqError for an unknown method/norm, a width that is not allowed (or not
-    measured, for "sensitivity"), or a budget below the cheapest assignment.
+    `stats.bits`). key_codebooks (one flag, or one per layer; method "fisher", keys stored "prerope"):
+    the layer's keys take the codebook the analysis learned for their width (`stats.key_levels`),
+    and are allocated by the errors measured with it. With rotate="auto" the allocator chooses them
+    per layer unless key_codebooks is False; None elsewhere means no codebooks. Raises
+    KvqError for an unknown method/norm, a width that is not allowed (or not measured, for
+    "sensitivity"), or a budget below the cheapest assignment.
     """
     if method not in METHODS:
         raise KvqError(f"unknown allocation method {method!r} (choose from {', '.join(METHODS)})")
@@ -147,8 +152,11 @@ def allocate_detailed(
         return _auto_rotation(stats, budget, dict(
             method=method, bits=bits, norm=norm, count_overhead=count_overhead, key_axis=key_axis,
             value_axis=value_axis, group_k=group_k, group_v=group_v, residual=residual, sink=sink,
-            scale_dtype=scale_dtype, per_head=per_head, model_name=model_name, layer_tokens=layer_tokens))
+            scale_dtype=scale_dtype, per_head=per_head, model_name=model_name, layer_tokens=layer_tokens),
+            codebooks=key_codebooks is not False)
     rotations = _rotations(rotate, stats.n_layers)
+    books = _codebooks(stats, bool(key_codebooks) if isinstance(key_codebooks, (bool, type(None))) else key_codebooks,
+                       rotations, method)
     if norm not in NORMS:
         raise KvqError(f"unknown norm {norm!r} (choose from {', '.join(NORMS)})")
     try:
@@ -175,7 +183,7 @@ def allocate_detailed(
         if any(b <= a for a, b in zip(costs, costs[1:])):
             raise KvqError(f"width costs are not increasing: {[float(c) for c in costs]}")
 
-    k_e, v_e, k_c, v_c = _distortions(stats, method, norm, widths, per_head, rotations)  # [L(,H), nb] each
+    k_e, v_e, k_c, v_c = _distortions(stats, method, norm, widths, per_head, rotations, books)  # [L(,H), nb]
     shape = k_e.shape[:-1]
     n_half = int(np.prod(shape))
     # item order: all keys (layer-major, then head), then all values -> ties favour keys, low index
@@ -233,8 +241,10 @@ def allocate_detailed(
             f"{' over the elements held (memory budget)' if layer_tokens is not None else ''}"
             f" spent={float(plan_spent):.4f}"
             + (f", {float(plan_elements):.4f} per layer element" if layer_tokens is not None else ""))
+    keys = tuple(dataclasses.replace(k_spec[j], levels=stats.key_levels(i, widths[j])) if books[i] else k_spec[j]
+                 for i, j in enumerate(k_idx))
     plan = KVPlan(
-        keys=tuple(k_spec[i] for i in k_idx), values=tuple(v_spec[i] for i in v_idx),
+        keys=keys, values=tuple(v_spec[i] for i in v_idx),
         residual=residual, sink=sink, rotate=rotate, scale_dtype=scale_dtype,
         model=name, model_layers=L, note=note)
     return Allocation(
@@ -251,7 +261,26 @@ def _rotations(rotate: str | Sequence[str], n_layers: int) -> tuple[str, ...]:
                  for i in range(n_layers))
 
 
-def _auto_rotation(stats: KVStats, budget: float, kw: dict) -> Allocation:
+def _codebooks(stats: KVStats, flags: bool | Sequence[bool], rotations: tuple[str, ...],
+               method: str) -> tuple[bool, ...]:
+    """`key_codebooks` as one flag per layer, validated against the rotations and the stats."""
+    n = stats.n_layers
+    books = (bool(flags),) * n if isinstance(flags, (bool, np.bool_)) else tuple(bool(f) for f in flags)
+    if len(books) != n:
+        raise KvqError(f"key_codebooks has {len(books)} flags, the stats have {n} layers")
+    if not any(books):
+        return books
+    if method != "fisher":
+        raise KvqError("key codebooks are allocated from Fisher errors: use method 'fisher'")
+    if stats.k_levels_prerope is None or stats.fisher_err("k", PREROPE_CODEBOOK) is None:
+        raise KvqError("these stats have no key codebooks: re-run the analysis with the prerope rotation")
+    bad = [i for i, (b, r) in enumerate(zip(books, rotations)) if b and split_rotation(r)[0] != "prerope"]
+    if bad:
+        raise KvqError(f"layer {bad[0]}: key codebooks are learned for keys stored before RoPE (rotate prerope)")
+    return books
+
+
+def _auto_rotation(stats: KVStats, budget: float, kw: dict, codebooks: bool = True) -> Allocation:
     """rotate="auto": the keys' and the values' rotation of each layer and the widths, by
     alternating the two choices.
 
@@ -259,28 +288,33 @@ def _auto_rotation(stats: KVStats, budget: float, kw: dict) -> Allocation:
     rotation; with the widths fixed, each layer's keys take the key rotation, and its values the
     value rotation, (of those the stats measured) with the lowest error at their width. Repeated
     until the rotations stop changing; the allocation of lowest predicted error is returned (a greedy
-    step need not lower it).
+    step need not lower it). Keys stored before RoPE with the learned codebook ("prerope+codebook")
+    are one more key option, where the stats hold them (and `codebooks`).
     """
     if kw["method"] != "fisher":
         raise KvqError("rotate='auto' chooses rotations from Fisher errors: use method 'fisher'")
-    cand = {kind: stats.fisher_rotations(kind) for kind in ("k", "v")}
+    cand = {kind: tuple(r for r in stats.fisher_rotations(kind) if codebooks or r != PREROPE_CODEBOOK)
+            for kind in ("k", "v")}
     if len(cand["k"]) + len(cand["v"]) < 3:
         raise KvqError("these stats have no rotated Fisher errors: re-run the analysis to choose rotations")
-    rot = ("none",) * stats.n_layers
+    rot, books = ("none",) * stats.n_layers, (False,) * stats.n_layers
     best, seen = None, set()
-    while rot not in seen:
-        seen.add(rot)
-        a = allocate_detailed(stats, budget, rotate=rot, **kw)
+    while (rot, books) not in seen:
+        seen.add((rot, books))
+        a = allocate_detailed(stats, budget, rotate=rot, key_codebooks=books, **kw)
         if best is None or a.total_err < best.total_err:
             best = a
-        prev = [split_rotation(r) for r in rot]
+        prev = [(PREROPE_CODEBOOK if b else split_rotation(r)[0], split_rotation(r)[1])
+                for r, b in zip(rot, books)]
 
         def pick(kind: str, side: int, bits: np.ndarray) -> list[str]:
             err = {r: _fisher_at(stats, r, kind, bits) for r in cand[kind]}
-            # a tie keeps the tensor's current rotation
+            # a tie keeps the tensor's current option
             return [min(cand[kind], key=lambda r: (err[r][i], r != prev[i][side])) for i in range(stats.n_layers)]
 
-        rot = tuple(join_rotation(k, v) for k, v in zip(pick("k", 0, a.k_bits), pick("v", 1, a.v_bits)))
+        keys = pick("k", 0, a.k_bits)
+        books = tuple(k == PREROPE_CODEBOOK for k in keys)
+        rot = tuple(join_rotation("prerope" if b else k, v) for k, b, v in zip(keys, books, pick("v", 1, a.v_bits)))
     plan = best.plan
     return dataclasses.replace(best, plan=plan.replace(note=plan.note + ", rotations chosen per layer"))
 
@@ -343,10 +377,12 @@ def _layer_floor(head_idx: np.ndarray, cost: np.ndarray) -> np.ndarray:
 
 
 def _distortions(stats: KVStats, method: str, norm: str, widths: tuple[float, ...], per_head: bool,
-                 rotations: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+                 rotations: tuple[str, ...], books: tuple[bool, ...]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Distortion of K and V at each width, [L, nb] each (or [L, H, nb] with per_head), and for
     the norm methods the factors c of e = c * 2^(-2b), [L] (or [L, H]); None for "sensitivity".
-    "fisher" reads each layer's errors under its rotation; the other methods ignore rotations."""
+    "fisher" reads each layer's errors under its rotation (and key codebook, `books`); the other
+    methods ignore rotations."""
     w = np.asarray([float(b) for b in widths])
     if method == "fisher" and per_head:
         raise KvqError("the fisher method allocates per layer (per-head Fisher errors are not measured)")
@@ -360,7 +396,7 @@ def _distortions(stats: KVStats, method: str, norm: str, widths: tuple[float, ..
             for kind, side in (("k", 0), ("v", 1)):
                 rows = []
                 for i, r in enumerate(rotations):
-                    e = stats.fisher_err(kind, split_rotation(r)[side])
+                    e = stats.fisher_err(kind, PREROPE_CODEBOOK if side == 0 and books[i] else split_rotation(r)[side])
                     if e is None:
                         raise KvqError(f"these stats have no Fisher errors of {split_rotation(r)[side]} "
                                        f"{'keys' if kind == 'k' else 'values'}: re-run the analysis to "

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from kvq_jax import cache as kvcache
-from kvq_jax import packing
+from kvq_jax import packing, quant
 from kvq_jax.cache import DenseLayer, LayerCache, PackedTensor, QuantLayer
 from kvq_jax.errors import KvqError
 from kvq_jax.plan import split_rotation
@@ -107,7 +107,7 @@ def dequant_chunk(t: PackedTensor, start: Array, n: int) -> Array:
         return jax.lax.dynamic_slice_in_dim(t.words, start, n, axis=2).astype(jnp.float32)
     p = packing.digits_per_word(spec.bits)
     words = jax.lax.dynamic_slice_in_dim(t.words, start // p, n // p, axis=2)
-    codes = packing.unpack(words, spec.bits, dtype=jnp.float32)  # [B, H, n, D]
+    codes = quant.level_values(packing.unpack(words, spec.bits, dtype=jnp.float32), spec.levels)  # [B, H, n, D]
     if spec.axis == "channel":
         g = spec.group
         sc = jax.lax.dynamic_slice_in_dim(t.scale, start // g, n // g, axis=2)
@@ -256,6 +256,7 @@ def packed_pallas(q: Array, layer: QuantLayer, n_valid: Array, interpret: bool,
         q, layer.k.words, layer.k.scale, layer.k.zero, layer.v.words, layer.v.scale, layer.v.zero,
         n_valid, k_bits=ks.bits, k_axis=ks.axis, k_group=ks.group, v_bits=vs.bits, v_axis=vs.axis,
         v_group=vs.group, backend="interpret" if interpret else "auto", k_rope=layer.rope, pos0=pos0,
+        k_levels=ks.levels, v_levels=vs.levels,
     )
 
 

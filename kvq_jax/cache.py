@@ -332,7 +332,7 @@ def _store_body(t: PackedTensor, x: Array, start: Array, live: Array, reuse: boo
     if spec.dense:
         return t.replace(words=_scatter(t.words, x, idx, live))
     codes, s, z = quant.quantize(x, spec.bits, spec.axis, spec.group, scale_dtype=t.scale.dtype,
-                                 valid=live[:, None, :, None])
+                                 valid=live[:, None, :, None], levels=spec.levels)
     codes = jnp.where(live[:, None, :, None], codes, 0).astype(codes.dtype)
     if reuse:
         put = lambda w, c, at, on: packing.put_block(w, c, at, spec.bits, on)

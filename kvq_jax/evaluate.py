@@ -168,9 +168,12 @@ def elements_held(cfg: ModelConfig, rows: int, tokens: int) -> int:
 
 def bits_report(cfg: ModelConfig, kv: KVPlan | DenseKV, nbytes: int, rows: int, tokens: int) -> dict[str, float]:
     """`data_bits`: the plan's mean nominal width (32/16 for a dense fp32/bf16 cache); `stored_bits`:
-    the cache's real bytes (codes, scales, zeros, sink, window, padding) per element it holds;
-    `effective_bits`: the same bytes per element of a cache where every layer held every position."""
+    the cache's real bytes (codes, scales, zeros, sink, window, padding; and a plan's codebooks) per
+    element it holds; `effective_bits`: the same bytes per element of a cache where every layer held
+    every position."""
     data = (32.0 if kv.dtype == "float32" else 16.0) if isinstance(kv, DenseKV) else kv.mean_data_bits()
+    if isinstance(kv, KVPlan):
+        nbytes += kv.codebook_bytes()
     full = 2 * cfg.n_layers * rows * cfg.n_kv_heads * cfg.head_dim * tokens
     return {"data_bits": data, "stored_bits": nbytes * 8 / elements_held(cfg, rows, tokens),
             "effective_bits": nbytes * 8 / full}

@@ -28,7 +28,7 @@ from kvq_jax import quant
 from kvq_jax.attention import DIFFERENTIABLE
 from kvq_jax.rotations import Rope, apply_rope, hadamard
 from kvq_jax.cache import init_cache
-from kvq_jax.plan import DenseKV
+from kvq_jax.plan import CODEBOOK_BITS, DenseKV
 
 Array = jax.Array
 _NEG = -1e30
@@ -48,15 +48,16 @@ def protocol_mask(t: int, sink: int, residual: int, block: int) -> np.ndarray:
 
 
 def qdq_body(x: Array, bits: float, axis: str, group: int, sink: int, block: int,
-             scale_dtype: jnp.dtype) -> Array:
-    """x `[B, T, H, D]` with body tokens `[S, T)` quantize-dequantized in the cache's blocks."""
+             scale_dtype: jnp.dtype, levels: Array | None = None) -> Array:
+    """x `[B, T, H, D]` with body tokens `[S, T)` quantize-dequantized in the cache's blocks (with a
+    codebook of `levels`, see `kvq_jax.quant`)."""
     b, t, h, d = x.shape
     body = x[:, sink:].transpose(0, 2, 1, 3)  # [B, H, Tb, D]
     n = body.shape[2]
     pad = -(-n // block) * block - n  # padded tokens are never read (Q(t) is a multiple of block)
     body = jnp.pad(body, ((0, 0), (0, 0), (0, pad), (0, 0)))
-    codes, s, z = quant.quantize(body, bits, axis, group, scale_dtype=scale_dtype)
-    deq = quant.dequantize(codes, s, z, axis, group)[:, :, :n].transpose(0, 2, 1, 3)
+    codes, s, z = quant.quantize(body, bits, axis, group, scale_dtype=scale_dtype, levels=levels)
+    deq = quant.dequantize(codes, s, z, axis, group, levels=levels)[:, :, :n].transpose(0, 2, 1, 3)
     return jnp.concatenate([x[:, :sink], deq.astype(x.dtype)], axis=1)
 
 
@@ -127,14 +128,18 @@ def fisher_pass(graphdef, state, tokens: Array) -> tuple[Array, Array, tuple[Arr
 def layer_fisher_errors(q: Array, k: Array, v: Array, grad: Array, *, bits: tuple[float, ...],
                         key_axis: str, value_axis: str, group_k: int, group_v: int, sink: int,
                         residual: int, block: int, scale_dtype: str, scale: float | None = None,
-                        window: int = 0, rotate: str = "none", rope: Rope | None = None) -> tuple[Array, Array]:
+                        window: int = 0, rotate: str = "none", rope: Rope | None = None,
+                        k_levels: Array | None = None) -> tuple[Array, Array]:
     """`[nb]` Fisher-weighted errors of one layer's keys and of its values, summed over the batch.
 
     A sliding-window layer (`window` > 0) has no sink in the cache: pass `sink=0`. `rotate`
     "hadamard": the cache holds k @ H and v @ H, so the quantization error is that of the rotated
     tensors, rotated back (H is orthonormal and symmetric); "prerope": the cache holds the keys
     before the layer's RoPE `rope` (window position t at position t), rotated forward when read,
-    and the values as they are (their errors are the unrotated ones: None is returned for them)."""
+    and the values as they are (their errors are the unrotated ones: None is returned for them).
+    `k_levels [nb, 16]`: the keys are stored with the codebook `k_levels[j, :qmax + 1]` at each
+    width `bits[j]` that takes one (`plan.CODEBOOK_BITS`, uniform codes at the others); only the
+    keys are measured then (None is returned for the values)."""
     q, k, v, grad = (a.astype(jnp.float32) for a in (q, k, v, grad))
     k_qdq = v_qdq = qdq_body
     if rotate == "hadamard":
@@ -151,10 +156,12 @@ def layer_fisher_errors(q: Array, k: Array, v: Array, grad: Array, *, bits: tupl
     fisher = grad * grad
     sd = jnp.dtype(scale_dtype)
     ke, ve = [], []
-    for b in bits:
-        k_hat = k_qdq(k, b, key_axis, group_k, sink, block, sd)
-        v_hat = None if rotate == "prerope" else v_qdq(v, b, value_axis, group_v, sink, block, sd)
+    keys_only = rotate == "prerope" or k_levels is not None
+    for j, b in enumerate(bits):
+        lv = k_levels[j, :quant.qmax(b) + 1] if k_levels is not None and b in CODEBOOK_BITS else None
+        k_hat = k_qdq(k, b, key_axis, group_k, sink, block, sd, lv)
+        v_hat = None if keys_only else v_qdq(v, b, value_axis, group_v, sink, block, sd)
         ke.append(0.5 * jnp.sum(fisher * (attend(k_hat, v, mask) - ref) ** 2))
-        if rotate != "prerope":
+        if not keys_only:
             ve.append(0.5 * jnp.sum(fisher * (attend(k, v_hat, mask) - ref) ** 2))
     return jnp.stack(ke), (jnp.stack(ve) if ve else None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import numbers
 import os
 import re
@@ -88,13 +89,40 @@ def _check_int(name: str, v: Any, lo: int = 0) -> None:
         raise KvqError(f"{name} must be an int >= {lo}, got {v!r}")
 
 
+# Widths that may carry a learned codebook: 1 bit has only its two fixed ends, and from 5 bits on a
+# table of 32+ levels buys nothing over uniform codes (and a select chain that long in the kernels).
+CODEBOOK_BITS = (1.58, 2, 3, 4)
+
+
+def _canonical_levels(levels: Any, bits: float) -> tuple[float, ...] | None:
+    """A codebook as a tuple of floats, validated; None for none (or for the uniform levels)."""
+    if levels is None:
+        return None
+    if bits not in CODEBOOK_BITS:
+        raise KvqError(f"codebooks are supported at {', '.join(map(str, CODEBOOK_BITS))} bits, not {bits}")
+    qm = int(round(2.0**bits - 1))
+    try:
+        if isinstance(levels, (str, bytes, Mapping)):
+            raise TypeError
+        lv = tuple(float(x) for x in levels)
+    except (TypeError, ValueError):
+        raise KvqError(f"codebook levels must be a list of numbers, got {levels!r}") from None
+    if len(lv) != qm + 1 or lv[0] != 0 or lv[-1] != qm or any(b <= a for a, b in zip(lv, lv[1:])) \
+            or not all(map(math.isfinite, lv)):
+        raise KvqError(f"a {_fmt_bits(bits)}-bit codebook needs {qm + 1} increasing levels from 0 to {qm}, "
+                       f"got {list(levels)!r}")
+    return None if lv == tuple(float(i) for i in range(qm + 1)) else lv
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
-    """How one tensor is stored: `bits` (16 = dense), group `axis` ("token"|"channel") and `group` size."""
+    """How one tensor is stored: `bits` (16 = dense), group `axis` ("token"|"channel") and `group` size;
+    `levels`: a learned codebook in code units (`kvq_jax.quant`: ends 0 and qmax fixed), None = uniform."""
 
     bits: float
     axis: str = "token"
     group: int = 64
+    levels: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         b = self.bits
@@ -111,6 +139,7 @@ class QuantSpec:
                 f"{self.axis}-axis group must be one of {', '.join(map(str, allowed))}, got {g!r}"
             )
         object.__setattr__(self, "group", int(g))
+        object.__setattr__(self, "levels", _canonical_levels(self.levels, self.bits))
 
     @property
     def dense(self) -> bool:
@@ -131,13 +160,21 @@ class QuantSpec:
         return 2 * (16 if scale_dtype == "bfloat16" else 32) / self.group
 
     def __str__(self) -> str:
-        return f"{_fmt_bits(self.bits)}b/{self.axis}/{self.group}"
+        return f"{_fmt_bits(self.bits)}b/{self.axis}/{self.group}" + ("+codebook" if self.levels else "")
+
+    def to_json(self) -> str | dict[str, Any]:
+        """The plan file's form: `str(self)`, or a mapping when the spec carries a codebook."""
+        if self.levels is None:
+            return str(self)
+        return {"bits": self.bits, "axis": self.axis, "group": self.group, "levels": list(self.levels)}
 
     @classmethod
     def parse(cls, text: str) -> "QuantSpec":
         """Inverse of `str`: "4b/channel/64" (also "4", "4b/token")."""
         if not isinstance(text, str):
             raise KvqError(f"a quant spec must be a string like '4b/channel/64', got {text!r}")
+        if text.strip().endswith("+codebook"):
+            raise KvqError(f"bad quant spec {text!r}: a codebook spec is written as a mapping with its levels")
         parts = text.strip().split("/")
         if not 1 <= len(parts) <= 3:
             raise KvqError(f"bad quant spec {text!r}: expected like '4b/channel/64'")
@@ -159,9 +196,9 @@ def _as_spec(x: Any) -> QuantSpec:
     if isinstance(x, str):
         return QuantSpec.parse(x)
     if isinstance(x, Mapping):
-        unknown = set(x) - {"bits", "axis", "group"}
+        unknown = set(x) - {"bits", "axis", "group", "levels"}
         if unknown or "bits" not in x:
-            raise KvqError(f"bad quant spec {dict(x)!r}: expected keys bits, axis, group")
+            raise KvqError(f"bad quant spec {dict(x)!r}: expected keys bits, axis, group (and levels)")
         return QuantSpec(**x)
     raise KvqError(f"bad quant spec {x!r}: expected a QuantSpec, a string or a mapping")
 
@@ -325,6 +362,10 @@ class KVPlan:
         specs = self.keys + self.values
         return sum(s.storage_bits + s.overhead_bits(self.scale_dtype) for s in specs) / len(specs)
 
+    def codebook_bytes(self) -> int:
+        """Bytes of the plan's level tables (float32, compiled into the program, not the cache)."""
+        return sum(4 * len(s.levels) for s in self.keys + self.values if s.levels)
+
     def describe(self) -> str:
         """One-line human summary."""
 
@@ -346,8 +387,8 @@ class KVPlan:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["keys"] = [str(s) for s in self.keys]
-        d["values"] = [str(s) for s in self.values]
+        d["keys"] = [s.to_json() for s in self.keys]
+        d["values"] = [s.to_json() for s in self.values]
         if not isinstance(self.rotate, str):
             d["rotate"] = list(self.rotate)
         return d
@@ -427,6 +468,10 @@ class DenseKV:
         if self.dtype not in DENSE_DTYPES:
             raise KvqError(f"dense cache dtype must be one of {', '.join(DENSE_DTYPES)}, got {self.dtype!r}")
 
+    def codebook_bytes(self) -> int:
+        """Bytes of the plan's level tables (float32, compiled into the program, not the cache)."""
+        return sum(4 * len(s.levels) for s in self.keys + self.values if s.levels)
+
     def describe(self) -> str:
         return f"dense {self.dtype} cache"
 
@@ -439,7 +484,8 @@ _DENSE_NAMES = {"fp": "float32", "fp32": "float32", "float32": "float32", "bf16"
 def _override_specs(specs: tuple[QuantSpec, ...], axis: str | None, group: int | None) -> tuple:
     # Changing the axis alone keeps the group, which may be invalid for the new axis: QuantSpec says so.
     return tuple(
-        QuantSpec(s.bits, s.axis if axis is None else axis, s.group if group is None else group) for s in specs
+        QuantSpec(s.bits, s.axis if axis is None else axis, s.group if group is None else group, s.levels)
+        for s in specs
     )
 
 

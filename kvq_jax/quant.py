@@ -14,6 +14,11 @@ Non-finite inputs: NaN and ±inf are left out of a group's min/max; +inf saturat
 -inf and NaN map to code 0 (the group min); a group with no finite value gets scale 0, zero 0. The
 cache therefore never stores a non-finite value. Tokens masked out by `valid` are treated like NaN
 (left out of min/max, code 0).
+
+Codebooks: with `levels` (a learned level table in code units, `levels[0] = 0`, `levels[-1] = qmax`,
+increasing) a value is stored as the index of its nearest level and read back as
+`levels[code] · scale + zero`. The ends are the group's min and max as before, so scale and zero are
+unchanged and no extreme is clipped; the error bound becomes `scale · max gap / 2`.
 """
 
 from __future__ import annotations
@@ -36,6 +41,34 @@ def qmax(bits: float) -> int:
     if isinstance(bits, bool) or bits not in QUANT_BITS:
         raise KvqError(f"quantizer bits must be one of {', '.join(map(str, QUANT_BITS))}, got {bits!r}")
     return int(round(2.0**bits - 1))
+
+
+def level_values(codes: jax.Array, levels: Any) -> jax.Array:
+    """Codes (any numeric dtype) → their levels, float32; `levels` None: the codes themselves.
+
+    Static levels (a tuple of floats) become a chain of selects on constants, which every Pallas
+    backend lowers; an array of levels is gathered (the analysis measures many codebooks with one
+    compiled function)."""
+    c = jnp.asarray(codes).astype(jnp.float32)
+    if levels is None:
+        return c
+    if isinstance(levels, (tuple, list)):
+        out = c
+        for i, lv in enumerate(levels):
+            if float(lv) != i:  # the fixed ends (and any level on its code) need no select
+                out = jnp.where(c == i, jnp.float32(lv), out)
+        return out
+    return jnp.take(jnp.asarray(levels, jnp.float32), c.astype(jnp.int32), mode="clip")
+
+
+def nearest_codes(u: jax.Array, levels: Any) -> jax.Array:
+    """Positions `u` in code units (float, within [0, qmax]) → the index of the nearest level, float32
+    (a tie goes to the lower level); `levels` None: round to the nearest integer code."""
+    if levels is None:
+        return jnp.round(u)
+    lv = jnp.asarray(levels, jnp.float32)
+    mids = (lv[1:] + lv[:-1]) * 0.5
+    return jnp.sum((u[..., None] > mids).astype(jnp.float32), axis=-1)
 
 
 def _scale_dtype(scale_dtype: Any) -> jnp.dtype:
@@ -101,14 +134,18 @@ def quantize(
     group: int,
     scale_dtype: Any = jnp.bfloat16,
     valid: jax.Array | None = None,
+    levels: Any = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Quantizes `x [..., T, D]` → `(codes uint8 [..., T, D], scale, zero)`.
 
     scale/zero are `[..., T, D//group]` (axis="token") or `[..., T//group, D]` (axis="channel") in
     `scale_dtype`. `valid` (bool, broadcastable to `[..., T, 1]`) marks real tokens; padding is left
-    out of min/max and gets code 0. `bits`, `axis`, `group`, `scale_dtype` must be static under jit.
+    out of min/max and gets code 0. `levels`: a codebook of `qmax(bits) + 1` levels (see the module
+    docstring), or None for uniform codes. `bits`, `axis`, `group`, `scale_dtype` must be static under jit.
     """
     qm = qmax(bits)
+    if levels is not None and np.shape(levels) != (qm + 1,):
+        raise KvqError(f"a {bits}-bit codebook has {qm + 1} levels, got shape {np.shape(levels)}")
     x = jnp.asarray(x)
     _check_layout(x.shape, axis, group)
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -148,7 +185,7 @@ def quantize(
     k = jnp.where(s32 > 2.0**96, 2.0**-64, 1.0)
     q = jnp.where(pos, (xg * k - z32 * k) / jnp.where(pos, s32 * k, 1.0), 0.0)
     # NaN → 0 before rounding; ±inf saturate through the clip.
-    q = jnp.clip(jnp.round(jnp.nan_to_num(q, nan=0.0, posinf=qm, neginf=0.0)), 0, qm)
+    q = nearest_codes(jnp.clip(jnp.nan_to_num(q, nan=0.0, posinf=qm, neginf=0.0), 0, qm), levels)
     q = jnp.where(xg == jnp.inf, qm, q)
     q = jnp.where(jnp.isnan(xg) | (xg == -jnp.inf), 0, q)
     if valid is not None:
@@ -164,8 +201,10 @@ def dequantize(
     axis: str,
     group: int,
     dtype: Any = jnp.float32,
+    levels: Any = None,
 ) -> jax.Array:
-    """`codes [..., T, D]` → `code · scale + zero` as `[..., T, D]` in `dtype` (computed in float32)."""
+    """`codes [..., T, D]` → `code · scale + zero` as `[..., T, D]` in `dtype` (computed in float32);
+    with a codebook `levels`, `levels[code] · scale + zero`."""
     codes = jnp.asarray(codes)
     _check_layout(codes.shape, axis, group)
     *lead, t, d = codes.shape
@@ -176,7 +215,7 @@ def dequantize(
             f"{tuple(codes.shape)} for axis={axis} group={group} (expected {want})"
         )
     ax = _red_axis(axis)
-    cg = _grouped(codes.astype(jnp.float32), axis, group)
+    cg = _grouped(level_values(codes, levels), axis, group)
     # Halved (exactly) so code·scale cannot overflow when a group spans nearly the whole float range.
     s = jnp.expand_dims(scale.astype(jnp.float32) * 0.5, ax)
     z = jnp.expand_dims(zero.astype(jnp.float32) * 0.5, ax)

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from kvq_jax.errors import KvqError
-from kvq_jax.plan import KEY_ROTATIONS, VALUE_ROTATIONS
+from kvq_jax.codebook import MAX_LEVELS
+from kvq_jax.plan import CODEBOOK_BITS, KEY_ROTATIONS, VALUE_ROTATIONS
 
 DEFAULT_BITS: tuple[float, ...] = (1, 1.58, 2, 3, 4, 6, 8)
 
@@ -53,10 +54,15 @@ _SHAPES: dict[str, tuple[str, ...]] = {
     "k_fisher_err_hadamard": ("L", "B"),
     "v_fisher_err_hadamard": ("L", "B"),
     "k_fisher_err_prerope": ("L", "B"),
+    "k_fisher_err_prerope_codebook": ("L", "B"),
+    "k_levels_prerope": ("L", "B", "C"),
 }
 OPTIONAL = ("k_fro_prerope", "k_spec_prerope", "k_sv_prerope", "k_attn_err_head", "v_attn_err_head",
             "k_fisher_err", "v_fisher_err", "k_fisher_err_hadamard", "v_fisher_err_hadamard",
-            "k_fisher_err_prerope")
+            "k_fisher_err_prerope", "k_fisher_err_prerope_codebook", "k_levels_prerope")
+# Keys stored before RoPE with the layer's learned codebook: a key option beside the rotations.
+PREROPE_CODEBOOK = "prerope+codebook"
+KEY_OPTIONS = KEY_ROTATIONS + (PREROPE_CODEBOOK,)
 
 
 @dataclasses.dataclass(eq=False)
@@ -74,8 +80,11 @@ class KVStats:
     k_fisher_err, v_fisher_err [L, nb]: Fisher-weighted attention-output error under the cache
         protocol, in nats per calibration window (optional; see kvq_jax.fisher);
         k_fisher_err_hadamard, v_fisher_err_hadamard [L, nb]: the same for Hadamard-rotated keys and
-        values; k_fisher_err_prerope [L, nb]: for keys stored before RoPE. `fisher_err(kind,
-        rotation)` reads them by the tensor's rotation.
+        values; k_fisher_err_prerope [L, nb]: for keys stored before RoPE;
+        k_fisher_err_prerope_codebook [L, nb]: before RoPE with the codebooks k_levels_prerope
+        [L, nb, 16] (each width's levels first, zero-padded; widths without a codebook: uniform
+        codes, all-zero rows). `fisher_err(kind, option)` reads them by the tensor's rotation or
+        key option.
     meta: JSON-able dict (model, n_layers, n_kv_heads, head_dim, bits, calib_file, calib_windows,
         calib_tokens, key_axis, value_axis, group_k, group_v).
     """
@@ -109,6 +118,8 @@ class KVStats:
     k_fisher_err_hadamard: np.ndarray | None = None
     v_fisher_err_hadamard: np.ndarray | None = None
     k_fisher_err_prerope: np.ndarray | None = None
+    k_fisher_err_prerope_codebook: np.ndarray | None = None
+    k_levels_prerope: np.ndarray | None = None
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -135,6 +146,7 @@ class KVStats:
             raise KvqError(f"KV stats: bits must be 1-D, got shape {self.bits.shape}")
         dims = dict(zip("LHD", self.k_sv.shape))
         dims["B"] = self.bits.shape[0]
+        dims["C"] = MAX_LEVELS
         if min(dims.values()) < 1:
             raise KvqError(f"KV stats: empty dimension in {dims}")
         for name, letters in _SHAPES.items():
@@ -192,16 +204,25 @@ class KVStats:
 
     def fisher_err(self, kind: str, rotation: str = "none") -> np.ndarray | None:
         """`[L, nb]` Fisher errors of the keys ("k") or values ("v") stored with `rotation` (one of
-        `KEY_ROTATIONS` / `VALUE_ROTATIONS`); None if not measured."""
-        allowed = KEY_ROTATIONS if kind == "k" else VALUE_ROTATIONS
+        `KEY_OPTIONS` / `VALUE_ROTATIONS`); None if not measured."""
+        allowed = KEY_OPTIONS if kind == "k" else VALUE_ROTATIONS
         if rotation not in allowed:
             raise KvqError(f"{'keys' if kind == 'k' else 'values'} have no rotation {rotation!r}")
-        return getattr(self, f"{kind}_fisher_err" + ("" if rotation == "none" else f"_{rotation}"))
+        name = rotation.replace("+", "_")
+        return getattr(self, f"{kind}_fisher_err" + ("" if rotation == "none" else f"_{name}"))
 
     def fisher_rotations(self, kind: str) -> tuple[str, ...]:
-        """The rotations of the keys ("k") or values ("v") whose Fisher errors these stats hold."""
-        allowed = KEY_ROTATIONS if kind == "k" else VALUE_ROTATIONS
+        """The rotations (key options) of the keys ("k") or values ("v") whose Fisher errors these
+        stats hold."""
+        allowed = KEY_OPTIONS if kind == "k" else VALUE_ROTATIONS
         return tuple(r for r in allowed if self.fisher_err(kind, r) is not None)
+
+    def key_levels(self, layer: int, bits: float) -> tuple[float, ...] | None:
+        """The learned codebook of `layer`'s pre-RoPE keys at width `bits`; None where none was learned."""
+        j = self.bit_index(bits)
+        if self.k_levels_prerope is None or j is None or bits not in CODEBOOK_BITS:
+            return None
+        return tuple(float(x) for x in self.k_levels_prerope[layer, j, :int(round(2.0**bits))])
 
     # ------------------------------------------------------------------ per-layer norms
     # Per-layer activation norms are root-sum-squares over heads. For Frobenius this is exact; for the

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kvq_jax.errors import KvqError
+from kvq_jax.quant import level_values
 
 Array = jax.Array
 
@@ -41,9 +42,11 @@ class Layout:
     group: int
     base: int
     digits: int
+    levels: tuple[float, ...] | None = None  # a codebook: digit c reads as levels[c]
 
     @staticmethod
-    def make(bits: float, axis: str, group: int, head_dim: int) -> "Layout":
+    def make(bits: float, axis: str, group: int, head_dim: int,
+             levels: tuple[float, ...] | None = None) -> "Layout":
         if isinstance(bits, bool) or bits not in WIDTHS:
             raise KvqError(f"the packed kernel supports widths {sorted(WIDTHS)}, got {bits!r}")
         if axis not in ("token", "channel"):
@@ -53,7 +56,11 @@ class Layout:
         if axis == "token" and head_dim % group:
             raise KvqError(f"head_dim {head_dim} is not divisible by the token-axis group {group}")
         base, p = WIDTHS[bits]
-        return Layout(float(bits), axis, int(group), base, p)
+        if levels is not None:
+            levels = tuple(float(x) for x in levels)
+            if len(levels) != base:
+                raise KvqError(f"a {bits}-bit codebook has {base} levels, got {len(levels)}")
+        return Layout(float(bits), axis, int(group), base, p, levels)
 
     @property
     def shift(self) -> int:
@@ -94,7 +101,12 @@ def _split_base3(w: Array) -> tuple[Array, Array]:
 
 
 def digit_planes(w: Array, lay: Layout) -> list[Array]:
-    """int32 words `[N, D]` → the P digit planes `[N, D]` float32; plane i holds token `word*P + i`."""
+    """int32 words `[N, D]` → the P digit planes `[N, D]` float32; plane i holds token `word*P + i`.
+    With a codebook the planes hold each digit's level (what the scale multiplies)."""
+    return [level_values(p, lay.levels) for p in _digit_planes(w, lay)]
+
+
+def _digit_planes(w: Array, lay: Layout) -> list[Array]:
     if lay.base != 3:
         mask = lay.base - 1
         return [(lax.shift_right_logical(w, jnp.int32(i * lay.shift)) & mask).astype(jnp.float32)
@@ -110,7 +122,12 @@ def digit_planes(w: Array, lay: Layout) -> list[Array]:
 
 
 def digits_at(w: Array, digit: Array, lay: Layout) -> Array:
-    """Per-row digit: words `[N, D]` int32, digit index `[N, 1]` int32 → codes `[N, D]` float32."""
+    """Per-row digit: words `[N, D]` int32, digit index `[N, 1]` int32 → codes `[N, D]` float32
+    (with a codebook, the digits' levels)."""
+    return level_values(_digits_at(w, digit, lay), lay.levels)
+
+
+def _digits_at(w: Array, digit: Array, lay: Layout) -> Array:
     if lay.base != 3:
         return (lax.shift_right_logical(w, digit * lay.shift) & (lay.base - 1)).astype(jnp.float32)
     lo, hi = _split_base3(w)

@@ -139,27 +139,30 @@ def packed_decode_attention(
     backend: str = "auto",
     k_rope: Rope | None = None,
     pos0: Array | int = 0,
+    k_levels: tuple[float, ...] | None = None,
+    v_levels: tuple[float, ...] | None = None,
 ) -> tuple[Array, Array]:
     """Attention of `q` over the packed tokens `[0, n_valid[b])` of each row.
 
     q `[B, Hkv, n_rep, D]` float32, pre-scaled by the softmax scale (GQA: the n_rep query heads of a
     KV head together). k/v words `[B, Hkv, W, D]` uint32 (token t = digit t % P of word t // P).
     Scales/zeros (bf16 or f32): axis "channel" `[B, Hkv, NB, D]` (row t // group), axis "token"
-    `[B, Hkv, NT, D // group]` (row t). value = code * scale + zero. n_valid `[B]` int32.
+    `[B, Hkv, NT, D // group]` (row t). value = code * scale + zero, or with a codebook
+    `k_levels`/`v_levels` (one float per code, `kvq_jax.quant`) levels[code] * scale + zero. n_valid `[B]` int32.
     `k_rope` (theta, scaling): the keys are stored before RoPE, token t at position `pos0 + t`
     (an int32 scalar, the same for every row); each key block is dequantized and rotated on chip.
 
     Returns out `[B, Hkv, n_rep, D]` float32 (normalised) and lse `[B, Hkv, n_rep]` float32; a row
     with no valid token gets out 0 and lse -inf. Static: widths, axes, groups, block_tokens,
-    num_splits, backend, k_rope. jit- and while_loop-safe.
+    num_splits, backend, k_rope, k_levels, v_levels. jit- and while_loop-safe.
     """
     backend = resolve_backend(backend)
     q = jnp.asarray(q, jnp.float32)
     b, h, r, d = q.shape
     if k_rope is not None and d % 2:
         raise KvqError(f"keys stored before RoPE need an even head_dim, got {d}")
-    klay = C.Layout.make(k_bits, k_axis, k_group, d)
-    vlay = C.Layout.make(v_bits, v_axis, v_group, d)
+    klay = C.Layout.make(k_bits, k_axis, k_group, d, k_levels)
+    vlay = C.Layout.make(v_bits, v_axis, v_group, d, v_levels)
     _check_operands(q, k_words, k_scale, k_zero, klay, "k")
     _check_operands(q, v_words, v_scale, v_zero, vlay, "v")
     block = default_block(klay, vlay, backend) if block_tokens is None else block_tokens
@@ -241,6 +244,8 @@ def reference_packed_attention(
     num_splits: int | None = None,
     k_rope: Rope | None = None,
     pos0: Array | int = 0,
+    k_levels: tuple[float, ...] | None = None,
+    v_levels: tuple[float, ...] | None = None,
 ) -> tuple[Array, Array]:
     """Pure-jnp reference of `packed_decode_attention` (same arguments; block/splits ignored).
 
@@ -253,17 +258,17 @@ def reference_packed_attention(
     q = jnp.asarray(q, jnp.float32)
     b = q.shape[0]
 
-    def dense(words, scale, zero, bits, axis, group):
+    def dense(words, scale, zero, bits, axis, group, levels):
         codes = packing.unpack(words, bits)
         # quant.dequantize wants exactly the tokens the scales describe: crop or zero-pad the codes.
         n_tok = scale.shape[2] * group if axis == "channel" else scale.shape[2]
         t = codes.shape[2]
         codes = codes[:, :, :n_tok] if t >= n_tok else jnp.pad(
             codes, [(0, 0), (0, 0), (0, n_tok - t), (0, 0)])
-        return quant.dequantize(codes, scale, zero, axis, group, jnp.float32), t
+        return quant.dequantize(codes, scale, zero, axis, group, jnp.float32, levels), t
 
-    k, tk = dense(k_words, k_scale, k_zero, k_bits, k_axis, k_group)
-    v, tv = dense(v_words, v_scale, v_zero, v_bits, v_axis, v_group)
+    k, tk = dense(k_words, k_scale, k_zero, k_bits, k_axis, k_group, k_levels)
+    v, tv = dense(v_words, v_scale, v_zero, v_bits, v_axis, v_group, v_levels)
     n = min(tk, tv, k.shape[2], v.shape[2])
     k, v = k[:, :, :n], v[:, :, :n]
     if k_rope is not None:

@@ -50,9 +50,9 @@ def counts(lay, n):
     return m, g * -(-max(0, m - lay.residual) // g)
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "group"))
-def _dequantize(codes, scale, zero, *, axis, group):
-    return quant.dequantize(codes, scale, zero, axis, group)
+@functools.partial(jax.jit, static_argnames=("axis", "group", "levels"))
+def _dequantize(codes, scale, zero, *, axis, group, levels=None):
+    return quant.dequantize(codes, scale, zero, axis, group, levels=levels)
 
 
 @functools.partial(jax.jit, static_argnames=("bits",))
@@ -72,7 +72,7 @@ def body_view(t, b: int, q: int) -> np.ndarray:
     k = min(n, codes.shape[1])
     full[:, :k] = codes[:, :k]
     x = _dequantize(jnp.asarray(full), jnp.asarray(t.scale[b]), jnp.asarray(t.zero[b]), axis=spec.axis,
-                    group=spec.group)
+                    group=spec.group, levels=spec.levels)
     return np.asarray(x, np.float64)[:, :q]
 
 
@@ -340,6 +340,42 @@ def test_prerope_layer_quantizes_keys_before_rope_and_reads_them_rotated():
             for hh in range(2):
                 want = softmax_attend(q[row, hh].astype(np.float64), k[hh], v[hh])
                 np.testing.assert_allclose(out[row, hh], want, atol=1e-5, rtol=1e-5, err_msg=f"{impl} row {row}")
+
+
+def test_codebook_layer_stores_nearest_levels_and_reads_them():
+    """A layer whose specs carry codebooks (keys before RoPE, as the allocator makes them; values
+    too) stores each body value within half the widest level gap (times the scale) of its input, and
+    both readers (XLA loop, Pallas kernel) attend over levels[code] * scale + zero."""
+    cfg = tiny_config(n_layers=1, n_heads=2, n_kv_heads=2, head_dim=64)
+    rope = cfg.rope(0)
+    kl, vl = (0.0, 1.25, 1.8, 3.0), (0.0, 0.6, 2.1, 3.4, 4.0, 5.2, 6.3, 7.0)
+    plan = KVPlan((QuantSpec(2, "channel", 32, kl),), (QuantSpec(3, "token", 32, vl),), residual=R, sink=S,
+                  rotate="prerope")
+    lay = init_cache(cfg, plan, 2, 600, chunk=256).layers[0]
+    lengths = np.array([560, 130])
+    xk, xv = kv_streams(np.random.default_rng(4), 1, 2, 2, 560, 64)
+    lay = jax.device_get(prefill_all((lay,), jnp.asarray(xk), jnp.asarray(xv), jnp.asarray(lengths, jnp.int32))[0])
+    q = (np.random.default_rng(5).standard_normal((2, 2, 3, 64)) * 0.3).astype(np.float32)
+    outs = {impl: np.asarray(jax.jit(lambda q, lay, n, impl=impl: attention.read_quantized(q, lay, n, impl)[0])(
+        jnp.asarray(q), lay, jnp.asarray(lengths, jnp.int32))) for impl in ("xla", "pallas_interpret")}
+    for row, n in enumerate(lengths):
+        m, qn = counts(lay, int(n))
+        k, v = reader_view(lay, row, int(n))
+        pos = S + np.arange(qn)
+        want = np.asarray(rotations.apply_rope(jnp.asarray(xk[0, row, :, S:S + qn]), pos, rope, inverse=True),
+                          np.float64)
+        half_gap = np.ptp(want.reshape(2, qn // 32, 32, 64), axis=2) / 3 * np.max(np.diff(kl)) / 2
+        err = np.abs(k[:, S:S + qn] - want).reshape(2, qn // 32, 32, 64).max(axis=2)
+        assert qn and (err <= 1.03 * half_gap + 1e-4).all()  # 3%: the bf16 scale and zero
+        wv = xv[0, row, :, S:S + qn].astype(np.float64)
+        vgap = np.ptp(wv.reshape(2, qn, 2, 32), axis=3) / 7 * np.max(np.diff(vl)) / 2
+        assert (np.abs(v[:, S:S + qn] - wv).reshape(2, qn, 2, 32).max(axis=3) <= 1.03 * vgap + 1e-4).all()
+        k[:, S:S + qn] = np.asarray(rotations.apply_rope(jnp.asarray(k[:, S:S + qn], jnp.float32), pos, rope),
+                                    np.float64)
+        for impl, out in outs.items():
+            for hh in range(2):
+                want_o = softmax_attend(q[row, hh].astype(np.float64), k[hh], v[hh])
+                np.testing.assert_allclose(out[row, hh], want_o, atol=1e-5, rtol=1e-5, err_msg=f"{impl} row {row}")
 
 
 # ----------------------------------------------------------------------------- hadamard

@@ -406,6 +406,10 @@ def test_analyze_writes_a_plan_that_eval_accepts(capsys, files, tmp_path):
     rc, out, err = cli(capsys, "eval", "--model", files["model"], "--text", files["text"], "--context", "128",
                        "--windows", "2", "--kv", plan_path, "--prefill", "8", "--json", "--no-progress")
     assert rc == 0 and math.isfinite(_json(out)["ppl"]), err
+    # --no-codebooks: the same choice without learned key codebooks (uniform codes only)
+    rc, out, err = cli(capsys, *analyze, "--force", "--rotate", "auto", "--no-codebooks")
+    assert rc == 0, err
+    assert all(isinstance(k, str) for k in json.loads(plan_path.read_text())["keys"])
     rc, out, err = cli(capsys, *analyze, "--force", "--rotate", "auto", "--method", "norm")
     assert_user_error(rc, err, "use method 'fisher'")
     # windows no longer than sink + residual cannot measure Fisher errors: a clear error, no plan

@@ -162,7 +162,7 @@ def test_prerope_errors_are_those_of_keys_quantized_before_rope(stats):
 
     assert np.all(np.isfinite(stats.k_fisher_err_prerope)) and not np.allclose(stats.k_fisher_err_prerope,
                                                                                 stats.k_fisher_err)
-    assert stats.fisher_rotations("k") == ("none", "hadamard", "prerope")
+    assert stats.fisher_rotations("k") == ("none", "hadamard", "prerope", "prerope+codebook")
     assert stats.fisher_rotations("v") == ("none", "hadamard")
     rng = np.random.default_rng(1)
     b, t, h, d = 1, 256, 1, 32
@@ -191,7 +191,7 @@ def test_prerope_errors_are_those_of_keys_quantized_before_rope(stats):
 def test_analyze_measures_only_the_rotations_asked(model, windows):
     s = analyze(model, windows[:1], bits=(2, 4), group_k=32, group_v=32, residual=32, sink=2, progress=False,
                 rotations=("prerope",))
-    assert s.fisher_rotations("k") == ("none", "prerope") and s.fisher_rotations("v") == ("none",)
+    assert s.fisher_rotations("k") == ("none", "prerope", "prerope+codebook") and s.fisher_rotations("v") == ("none",)
     assert s.k_fisher_err_hadamard is None
     with pytest.raises(KvqError, match="cannot measure rotation 'spin'"):
         analyze(model, windows[:1], bits=(2,), group_k=32, group_v=32, residual=32, progress=False,

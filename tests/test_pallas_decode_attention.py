@@ -326,3 +326,61 @@ def test_prerope_lowers_for_triton(kspec, vspec, r, d, rope, pos0):
 def test_prerope_lowers_for_mosaic(kspec, vspec, r, d, rope, pos0, monkeypatch):
     args, static = _mosaic_case(kspec, vspec, r, d, monkeypatch)
     assert "tpu_custom_call" in _lower("tpu", args, dict(static, k_rope=rope, pos0=pos0), "tpu")
+
+
+# Learned codebooks (QuantSpec.levels): digit c reads as levels[c] before the scale, on every backend.
+def _book(bits: float, seed: int) -> tuple[float, ...]:
+    qm = quant.qmax(bits)
+    inner = np.sort(np.random.default_rng(seed).uniform(0.2, qm - 0.2, qm - 1))
+    return (0.0, *map(float, inner), float(qm))
+
+
+CODEBOOK_CASES = [  # (K spec, V spec, n_rep, head_dim, keys have a codebook, values have one)
+    ((2, "channel", 64), (3, "token", 32), 3, 64, True, True),
+    ((1.58, "channel", 32), (4, "channel", 32), 7, 128, True, True),  # folded per-channel values
+    ((4, "token", 64), (2, "token", 64), 1, 64, True, False),
+    ((3, "channel", 16), (2, "channel", 64), 3, 64, False, True),
+]
+
+
+def _codebook_static(static, kspec, vspec, kb, vb):
+    return dict(static, k_levels=_book(kspec[0], 1) if kb else None, v_levels=_book(vspec[0], 2) if vb else None)
+
+
+@pytest.mark.parametrize("kspec,vspec,r,d,kb,vb", CODEBOOK_CASES, ids=lambda x: str(x))
+def test_codebooks_match_reference(kspec, vspec, r, d, kb, vb):
+    args, static = _case(3, 2, r, d, 384, [301, 37, 130], kspec, vspec, seed=7)
+    out, _ = _check(args, _codebook_static(static, kspec, vspec, kb, vb))
+    uniform, _ = _reference(tuple(sorted(static.items())))(*args)
+    assert float(jnp.max(jnp.abs(out - uniform))) > 1e-3  # the levels are really read
+
+
+@pytest.mark.skipif(not _has_tpu_interpret(), reason="jax has no pltpu.InterpretParams")
+@pytest.mark.parametrize("kspec,vspec,r,d,kb,vb", CODEBOOK_CASES[::3], ids=lambda x: str(x))
+def test_codebooks_tpu_interpret(kspec, vspec, r, d, kb, vb):
+    klay, vlay = C.Layout.make(*kspec, d), C.Layout.make(*vspec, d)
+    block = tpu_block_unit(klay, vlay)
+    args, static = _case(2, 2, r, d, 2 * block + 64, [2 * block + 5, 77], kspec, vspec, seed=8)
+    _check(args, _codebook_static(static, kspec, vspec, kb, vb), backend="tpu_interpret", block=block, splits=2)
+
+
+def test_codebook_with_prerope_keys():
+    kspec, vspec = (2, "channel", 64), (2, "token", 64)
+    args, static = _case(2, 2, 3, 64, 256, [200, 70], kspec, vspec, seed=9)
+    _check(args, dict(_codebook_static(static, kspec, vspec, True, False), k_rope=(10000.0, None), pos0=4))
+
+
+@pytest.mark.parametrize("kspec,vspec,r,d,kb,vb", CODEBOOK_CASES[:2], ids=lambda x: str(x))
+def test_codebooks_lower_for_triton_and_mosaic(kspec, vspec, r, d, kb, vb, monkeypatch):
+    args, static = _case(1, 2, r, d, 512, [500], kspec, vspec)
+    assert "triton" in _lower("cuda", args, _codebook_static(static, kspec, vspec, kb, vb), "gpu")
+    args, static = _mosaic_case(kspec, vspec, r, d, monkeypatch)
+    assert "tpu_custom_call" in _lower("tpu", args, _codebook_static(static, kspec, vspec, kb, vb), "tpu")
+
+
+def test_codebook_of_the_wrong_size_is_refused():
+    from kvq_jax.errors import KvqError
+
+    args, static = _case(1, 1, 3, 64, 128, [100], (2, "channel", 32), (4, "token", 64))
+    with pytest.raises(KvqError, match="2-bit codebook has 4 levels"):
+        packed_decode_attention(*args, backend="interpret", **static, k_levels=(0.0, 1.0, 3.0))

@@ -390,3 +390,43 @@ def test_per_layer_rotation():
     with pytest.raises(KvqError) as e:
         p.validate(tiny_config(n_layers=3, head_dim=48, n_heads=2, n_kv_heads=1, dim=96))
     assert "power-of-two head_dim" in one_line(e)
+
+
+# ----------------------------------------------------------------------------- codebooks
+
+def test_codebook_spec_validates_and_round_trips(tmp_path):
+    s = QuantSpec(2, "channel", 64, levels=[0, 1.1, 1.9, 3])
+    assert s.levels == (0.0, 1.1, 1.9, 3.0) and str(s) == "2b/channel/64+codebook"
+    assert hash(s) == hash(QuantSpec(2, "channel", 64, levels=(0.0, 1.1, 1.9, 3.0)))
+    assert QuantSpec(2, levels=(0, 1, 2, 3)).levels is None  # the uniform levels are no codebook
+    plan = KVPlan((s, QuantSpec(4, "channel")), (QuantSpec(2), QuantSpec(2)), rotate="prerope")
+    for suffix in (".json", ".yaml"):
+        plan.save(tmp_path / f"p{suffix}")
+        assert KVPlan.load(tmp_path / f"p{suffix}") == plan
+    d = json.loads(plan.to_json())
+    assert d["keys"][0] == {"bits": 2, "axis": "channel", "group": 64, "levels": [0.0, 1.1, 1.9, 3.0]}
+    assert d["keys"][1] == "4b/channel/64"
+    assert "2b/channel/64+codebook×1" in plan.describe()
+    assert plan.codebook_bytes() == 16
+    # --kv overrides keep a plan file's codebooks
+    over = parse_kv(str(tmp_path / "p.json"), 2, residual=64)
+    assert over.keys[0].levels == s.levels and over.residual == 64
+
+
+@pytest.mark.parametrize("bits,levels,msg", [
+    (2, (0, 1, 3), "needs 4 increasing levels from 0 to 3"),
+    (2, (0, 2, 1, 3), "increasing"),
+    (2, (0.5, 1, 2, 3), "from 0 to 3"),
+    (2, (0, 1, 2, 3.5), "from 0 to 3"),
+    (2, (0, float("nan"), 2, 3), "increasing"),
+    (8, tuple(range(256)), "codebooks are supported at"),
+    (2, "0123", "levels must be a list of numbers"),
+])
+def test_codebook_spec_rejects(bits, levels, msg):
+    with pytest.raises(KvqError, match=msg):
+        QuantSpec(bits, "channel", 64, levels=levels)
+
+
+def test_codebook_spec_string_needs_its_levels():
+    with pytest.raises(KvqError, match="written as a mapping with its levels"):
+        QuantSpec.parse("2b/channel/64+codebook")

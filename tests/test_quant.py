@@ -288,3 +288,63 @@ def test_bad_dequantize_arguments():
         jax.eval_shape(lambda a: quantize(a, 4, "token", 8), jax.ShapeDtypeStruct(SHAPE, jnp.int32))
     with pytest.raises(KvqError, match=r"\[..., T, D\]"):
         jax.eval_shape(lambda a: quantize(a, 4, "token", 8), jax.ShapeDtypeStruct((8,), jnp.float32))
+
+
+# ----------------------------------------------------------------------------- codebooks
+
+from kvq_jax.quant import level_values, nearest_codes  # noqa: E402
+
+BOOKS = {1.58: (0.0, 0.7, 2.0), 2: (0.0, 1.2, 1.8, 3.0), 3: (0.0, 0.5, 1.5, 3.2, 3.9, 5.1, 6.5, 7.0)}
+
+
+@pytest.mark.parametrize("bits", sorted(BOOKS))
+@pytest.mark.parametrize("axis", ("token", "channel"))
+def test_codebook_codes_are_the_nearest_level(bits, axis):
+    """Each code is the level nearest to the value's position in its group; the groups' scales and zeros
+    are those of uniform codes (the ends stay the group's min and max), and the error is at most half
+    the widest gap times the scale."""
+    x = jnp.asarray(np.random.default_rng(3).standard_normal(SHAPE), jnp.float32)
+    lv = BOOKS[bits]
+    c, s, z = quantize(x, bits, axis, GROUP, jnp.float32, levels=lv)
+    cu, su, zu = quantize(x, bits, axis, GROUP, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(su))
+    np.testing.assert_array_equal(np.asarray(z), np.asarray(zu))
+    se, ze = expand(np.asarray(s), axis), expand(np.asarray(z), axis)
+    u = (np.asarray(x) - ze) / se
+    dist = np.abs(u[..., None] - np.asarray(lv)[None])  # [..., levels]
+    got = np.take_along_axis(dist, np.asarray(c)[..., None].astype(np.int64), -1)[..., 0]
+    assert np.all(got <= dist.min(-1) + 1e-5)
+    back = np.asarray(dequantize(c, s, z, axis, GROUP, levels=lv))
+    np.testing.assert_allclose(back, np.asarray(lv)[np.asarray(c)] * se + ze, rtol=1e-6, atol=1e-6)
+    assert np.all(np.abs(back - np.asarray(x)) <= se * np.max(np.diff(lv)) / 2 * (1 + 1e-5) + 1e-6)
+    # ...and it is not the uniform quantizer
+    assert not np.array_equal(np.asarray(c), np.asarray(cu))
+
+
+def test_codebook_as_tuple_or_array_agree():
+    """Static levels (select chain, as the kernels run it) and an array of levels (gather, as the
+    analysis measures many codebooks) give the same codes and values."""
+    x = jnp.asarray(np.random.default_rng(4).standard_normal(SHAPE), jnp.float32)
+    lv = BOOKS[3]
+    c1, s, z = quantize(x, 3, "channel", GROUP, levels=lv)
+    c2, _, _ = jax.jit(lambda a, l: quantize(a, 3, "channel", GROUP, levels=l))(x, jnp.asarray(lv))
+    np.testing.assert_array_equal(np.asarray(c1), np.asarray(c2))
+    np.testing.assert_array_equal(np.asarray(level_values(c1, lv)), np.asarray(level_values(c1, jnp.asarray(lv))))
+    codes = jnp.arange(8.0)
+    np.testing.assert_array_equal(np.asarray(level_values(codes, lv)), np.asarray(lv, np.float32))
+    np.testing.assert_array_equal(np.asarray(level_values(codes, None)), np.arange(8.0))
+    np.testing.assert_array_equal(np.asarray(nearest_codes(jnp.asarray([0.2, 0.34, 1.01, 6.9]), lv)), [0, 1, 2, 7])
+
+
+def test_codebook_non_finite_inputs_stay_finite():
+    x = np.random.default_rng(5).standard_normal(SHAPE).astype(np.float32)
+    x[0, 0, :3, :5] = np.nan
+    x[1, 2, 4, 7] = np.inf
+    c, s, z = quantize(jnp.asarray(x), 2, "token", GROUP, levels=BOOKS[2])
+    assert np.all(np.isfinite(np.asarray(dequantize(c, s, z, "token", GROUP, levels=BOOKS[2]))))
+    assert int(c[1, 2, 4, 7]) == 3 and int(c[0, 0, 0, 0]) == 0
+
+
+def test_codebook_of_the_wrong_size_is_refused():
+    with pytest.raises(KvqError, match="2-bit codebook has 4 levels"):
+        quantize(jnp.zeros(SHAPE), 2, "token", GROUP, levels=(0.0, 1.0, 3.0))
