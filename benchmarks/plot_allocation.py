@@ -1,4 +1,4 @@
-"""ppl cost vs stored bits, one series per allocation method, from an allocation.jsonl.
+"""ppl cost vs stored bits, one series per allocation method, from allocation.jsonl files.
 
 python benchmarks/plot_allocation.py benchmarks/results/gemma3/allocation_4096.jsonl \
     --out benchmarks/results/gemma3/ppl_vs_bits_4096.png
@@ -34,7 +34,8 @@ def series_name(r: dict) -> str:
         rot = r["label"].split(" ", 1)[1] if " " in r["label"] else None  # "K4V2 prerope"
         return "uniform KbVb" + (f", {rot}" if rot else "")
     rot = r["label"].split(" rotate=")[1] if " rotate=" in r["label"] else None
-    return r["method"] + (" (memory budget)" if "memory@" in r["label"] else "") + (f", rotate {rot}" if rot else "")
+    return (r["method"] + (" (memory budget)" if "memory@" in r["label"] else "") + (f", rotate {rot}" if rot else "")
+            + (" + key codebooks" if "+codebook" in r.get("kv", "") else ""))
 
 
 def cost(r: dict, metric: str) -> float:
@@ -49,15 +50,17 @@ def cost(r: dict, metric: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("jsonl")
+    ap.add_argument("jsonl", nargs="+", help="allocation.jsonl files of one model and protocol (their series together)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--title", default=None)
     ap.add_argument("--model", default="gemma3-270m", help="the model of the results (its layer windows)")
     ap.add_argument("--metric", default="decoded", choices=("decoded", "all", "kl"))
     args = ap.parse_args()
     cfg = ModelConfig.from_gguf_metadata(read_metadata(resolve_model(args.model)), has_output_weight=False)
-    with open(args.jsonl) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = []
+    for path in args.jsonl:
+        with open(path) as f:
+            rows += [json.loads(line) for line in f if line.strip()]
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         groups[series_name(r)].append(r)

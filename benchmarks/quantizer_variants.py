@@ -7,7 +7,7 @@ are stored with a variant, summed over layers, at 2 and 3 bits:
   keys:   uniform after RoPE (what the cache did), Hadamard, before RoPE ("prerope"), before RoPE
           + Hadamard, learned codebooks (Lloyd-Max levels on group-normalised values, free or with the
           group min/max kept as end levels), the best of {after, Hadamard, before RoPE} per layer;
-  values: uniform, Hadamard, learned codebooks (free, fixed ends).
+  values: uniform, Hadamard, learned codebooks (free, fixed ends; fixed ends after Hadamard).
 
 Codebooks are learned per layer, K and V apart, on calibration windows from the first half of the
 text; every error is measured on windows from the second half. A variant is worth building into the
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kvq_jax.codebook import lloyd_levels
 from kvq_jax.evaluate import text_windows
 from kvq_jax.fisher import fisher_pass, mixed_attention, protocol_mask, qdq_body
 from kvq_jax.loading import load
@@ -36,55 +37,10 @@ G = 64  # group: keys per channel over 64 tokens, values per token over 64 chann
 SINK, RESIDUAL = 4, 128
 
 
-def _groups(x, axis: str):
-    """[B, T, H, D] → groups along their reduction axis: [..., G] (T a multiple of G)."""
-    x = x.transpose(0, 2, 1, 3)
-    b, h, t, d = x.shape
-    if axis == "token":
-        return x.reshape(b, h, t, d // G, G)
-    return x.reshape(b, h, t // G, G, d).swapaxes(-1, -2)
-
-
-def _ungroup(g, shape, axis: str):
-    b, t, h, d = shape
-    x = g.reshape(b, h, t, d) if axis == "token" else g.swapaxes(-1, -2).reshape(b, h, t, d)
-    return x.transpose(0, 2, 1, 3)
-
-
-def lloyd(x, axis: str, bits: int, fixed_ends: bool, iters: int = 30) -> np.ndarray:
-    """Levels in code units [0, qmax] minimising the squared error of x's group-normalised values
-    (weighted by each group's squared range, i.e. the error in x)."""
-    qm = 2**bits - 1
-    g = _groups(x, axis)
-    mn, mx = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
-    sc = (mx - mn) / qm
-    u = np.asarray((g - mn) / jnp.where(sc > 0, sc, 1.0)).ravel()
-    w = np.asarray(jnp.broadcast_to(sc * sc, g.shape)).ravel()
-    lv = np.arange(qm + 1, dtype=np.float64)
-    for _ in range(iters):
-        idx = np.searchsorted((lv[1:] + lv[:-1]) / 2, u)
-        num = np.bincount(idx, weights=w * u, minlength=qm + 1)
-        den = np.bincount(idx, weights=w, minlength=qm + 1)
-        lv = np.sort(np.where(den > 0, num / np.maximum(den, 1e-30), lv))
-        if fixed_ends:
-            lv[0], lv[-1] = 0.0, qm
-    return lv
-
-
-def qdq_codebook(x, levels: np.ndarray, axis: str, sink: int):
-    """x `[B, T, H, D]` with body tokens [sink, T) quantized to the nearest of `levels` within each
-    group's [min, max] (bf16 min, as the cache stores it); a partial last block is padded (the
-    protocol never reads it quantized), as `fisher.qdq_body` does."""
-    n = x.shape[1] - sink
-    body = jnp.pad(x[:, sink:], ((0, 0), (0, -(-n // G) * G - n), (0, 0), (0, 0)))
-    g = _groups(body, axis)
-    qm = len(levels) - 1
-    mn = g.min(-1, keepdims=True).astype(jnp.bfloat16).astype(jnp.float32)
-    sc = (g.max(-1, keepdims=True) - mn) / qm
-    u = (g - mn) / jnp.where(sc > 0, sc, 1.0)
-    lv = jnp.asarray(levels, jnp.float32)
-    code = jnp.sum(u[..., None] > (lv[1:] + lv[:-1]) / 2, axis=-1)
-    return jnp.concatenate([x[:, :sink], _ungroup(lv[code] * sc + mn, body.shape, axis)[:, :n]], axis=1)
+def qdq_codebook(x, levels, axis: str, sink: int, bits: int):
+    """x `[B, T, H, D]` with body tokens quantized to the nearest of `levels` within each group, in the
+    cache's blocks (`fisher.qdq_body`, which the analysis measures with)."""
+    return qdq_body(x, bits, axis, G, sink, G, jnp.bfloat16, jnp.asarray(levels, jnp.float32))
 
 
 def main() -> None:
@@ -116,9 +72,11 @@ def main() -> None:
             rope = cfg.rope(i)
             kpre = apply_rope(k[i], pos, rope, inverse=True)
             for b in BITS:
-                for name, x, axis in (("k", k[i], "channel"), ("kpre", kpre, "channel"), ("v", v[i], "token")):
+                for name, x, axis in (("k", k[i], "channel"), ("kpre", kpre, "channel"), ("v", v[i], "token"),
+                                      ("vhad", v[i] @ h_mat, "token")):
                     for fixed in (False, True):
-                        books.setdefault((i, b, name, fixed), []).append(lloyd(x, axis, b, fixed))
+                        books.setdefault((i, b, name, fixed), []).append(np.asarray(lloyd_levels(
+                            x, bits=b, axis=axis, group=G, sink=0 if cfg.window(i) else SINK, fixed_ends=fixed)))
     books = {key: np.mean(v, axis=0) for key, v in books.items()}  # average over calibration windows
 
     total: dict[tuple[int, str], float] = {}
@@ -140,18 +98,22 @@ def main() -> None:
                     "hadamard": uni(k[i] @ h_mat, b, "channel") @ h_mat,
                     "prerope": pre(lambda x: uni(x, b, "channel")),
                     "prerope+hadamard": pre(lambda x: uni(x @ h_mat, b, "channel") @ h_mat),
-                    "codebook": qdq_codebook(k[i], books[(i, b, "k", False)], "channel", sink),
-                    "codebook fixed ends": qdq_codebook(k[i], books[(i, b, "k", True)], "channel", sink),
-                    "prerope+codebook fixed ends": pre(lambda x: qdq_codebook(x, books[(i, b, "kpre", True)], "channel", sink)),
+                    "codebook": qdq_codebook(k[i], books[(i, b, "k", False)], "channel", sink, b),
+                    "codebook fixed ends": qdq_codebook(k[i], books[(i, b, "k", True)], "channel", sink, b),
+                    "prerope+codebook fixed ends": pre(lambda x: qdq_codebook(x, books[(i, b, "kpre", True)], "channel", sink, b)),
                 }
                 values = {
                     "uniform": uni(v[i], b, "token"),
                     "hadamard": uni(v[i] @ h_mat, b, "token") @ h_mat,
-                    "codebook": qdq_codebook(v[i], books[(i, b, "v", False)], "token", sink),
-                    "codebook fixed ends": qdq_codebook(v[i], books[(i, b, "v", True)], "token", sink),
+                    "codebook": qdq_codebook(v[i], books[(i, b, "v", False)], "token", sink, b),
+                    "codebook fixed ends": qdq_codebook(v[i], books[(i, b, "v", True)], "token", sink, b),
+                    "hadamard+codebook fixed ends": qdq_codebook(v[i] @ h_mat, books[(i, b, "vhad", True)], "token",
+                                                                 sink, b) @ h_mat,
                 }
                 ke = {name: err(x, v[i]) for name, x in keys.items()}
                 ke["best of uniform/hadamard/prerope per layer"] = min(ke["uniform"], ke["hadamard"], ke["prerope"])
+                ke["best of uniform/hadamard/prerope/prerope+codebook per layer"] = min(
+                    ke["best of uniform/hadamard/prerope per layer"], ke["prerope+codebook fixed ends"])
                 for name, e in ke.items():
                     total[(b, "K " + name)] = total.get((b, "K " + name), 0.0) + e
                 for name, x in values.items():

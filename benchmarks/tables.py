@@ -48,15 +48,25 @@ def allocation(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _rotations(per_layer: list[str]) -> str:
-    """How many layers rotate their keys and their values, and how: "K prerope 12, hadamard 3; V ..."."""
+def _rotations(per_layer: list[str], codebooks: int = 0) -> str:
+    """How many layers rotate their keys and their values, and how: "K prerope 12 (codebook 8),
+    hadamard 3; V ..."."""
     sides = [split_rotation(x) for x in per_layer]
     out = []
     for i, name in ((0, "K"), (1, "V")):
-        counts = [f"{x} {n}" for x in ("hadamard", "prerope") if (n := sum(s[i] == x for s in sides))]
+        counts = [f"{x} {n}" + (f" (codebook {codebooks})" if x == "prerope" and i == 0 and codebooks else "")
+                  for x in ("hadamard", "prerope") if (n := sum(s[i] == x for s in sides))]
         if counts:
             out.append(f"{name} " + ", ".join(counts))
     return "; ".join(out) or "none"
+
+
+def _key_codebooks(r: dict) -> int:
+    """Layers whose keys carry a learned codebook, from the plan's description ("...+codebook×8")."""
+    keys = r["kv"].split("; V ")[0]
+    if "+codebook" in keys and "×" not in keys:  # one spec for every layer
+        return len(r["k_bits"])
+    return sum(int(n) for n in re.findall(r"\+codebook×(\d+)", keys))
 
 
 def long_context(rows: list[dict]) -> str:
@@ -66,7 +76,7 @@ def long_context(rows: list[dict]) -> str:
            "ppl, all tokens: vs fp | rotations |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in sorted(rows, key=lambda r: (r["budget"], r["method"] != "uniform", r["label"])):
-        rots = _rotations(r.get("rotate") or [])
+        rots = _rotations(r.get("rotate") or [], _key_codebooks(r))
         out.append(f"| {r['label']} | {r['spent']:.2f} | {r['stored_bits']:.2f} | {r['ppl_decoded']:.3f} | "
                    f"{_pct(r['ppl_decoded'], r['ppl_fp_decoded'])} | {r['kl_vs_fp_decoded']:.4f} | "
                    f"{r['top1_decoded']:.4f} | {_rel(r)} | {rots} |")

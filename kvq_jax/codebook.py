@@ -25,13 +25,16 @@ MAX_LEVELS = 16  # the widest codebook (4 bits): the stats store every layer's t
 _MIN_GAP = 1e-3  # levels closer than this (code units) are pushed apart: a plan needs increasing levels
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "axis", "group", "sink", "scale_dtype", "iters"))
+@functools.partial(jax.jit, static_argnames=("bits", "axis", "group", "sink", "scale_dtype", "iters",
+                                             "fixed_ends"))
 def lloyd_levels(x: Array, *, bits: float, axis: str, group: int, sink: int, scale_dtype: str = "bfloat16",
-                 iters: int = 30) -> Array:
+                 iters: int = 30, fixed_ends: bool = True) -> Array:
     """Fixed-end Lloyd-Max levels `[qmax + 1]` (code units) for the body tokens of x `[B, T, H, D]`.
 
     The body is the tokens after the `sink`, cut to whole groups of `group` tokens (axis "channel")
     as the cache flushes them; scales and zeros are the cache's own (`quant.quantize`).
+    `fixed_ends=False` learns the end levels too (the variant that lost: it clips the extremes; a plan
+    cannot store it).
     """
     qm = quant.qmax(bits)
     body = x[:, sink:].astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, H, Tb, D]
@@ -44,8 +47,7 @@ def lloyd_levels(x: Array, *, bits: float, axis: str, group: int, sink: int, sca
     live = scale > 0
     u = jnp.clip(jnp.where(live, (body - zero) / jnp.where(live, scale, 1.0), 0.0), 0, qm).ravel()
     w = jnp.where(live, scale * scale, 0.0).ravel()
-    ends = jnp.arange(qm + 1) == 0
-    ends = ends | (jnp.arange(qm + 1) == qm)
+    ends = ((jnp.arange(qm + 1) == 0) | (jnp.arange(qm + 1) == qm)) & fixed_ends
 
     def step(_, lv):
         idx = jnp.sum(u[:, None] > (lv[1:] + lv[:-1])[None, :] * 0.5, axis=1)

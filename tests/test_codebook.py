@@ -140,3 +140,11 @@ def test_stored_bits_count_the_codebooks(stats):
                           1000, 1, 64)["stored_bits"]
     np.testing.assert_allclose((with_books - without) * 2 * 3 * 2 * 32 * 64 / 8, a.plan.codebook_bytes())
     assert a.plan.codebook_bytes() > 0
+
+
+def test_auto_with_codebooks_under_a_memory_budget(stats):
+    """The codebook choice works under the memory budget too (layers weighed by the tokens they hold)."""
+    cheap = dataclasses.replace(stats, k_fisher_err_prerope_codebook=stats.k_fisher_err_prerope_codebook * 0.01)
+    a = allocate_detailed(cheap, 2.5, method="fisher", rotate="auto", layer_tokens=(512, 4096, 4096), **KW)
+    assert a.spent <= 2.5 + 1e-12 and "memory budget" in a.plan.note
+    assert any(s.levels is not None for s in a.plan.keys)
