@@ -62,9 +62,18 @@ def test_cli_bad_mesh_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path
     assert err.count("\n") == 1 and "error" in err
 
 
-def _env() -> dict[str, str]:
+# XLA:CPU aborts the process when a device thread reaches a collective more than its termination
+# timeout after the others (its default is tens of seconds): 8 simulated devices on a 2-core CI
+# machine, beside the other pytest worker, fell that far behind once (a worker crashed in CI). The
+# collectives themselves are fast; only the scheduling is slow, so the timeouts are raised.
+COLLECTIVE_TIMEOUTS = ("--xla_cpu_collective_call_terminate_timeout_seconds=1200 "
+                       "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300 "
+                       "--xla_cpu_collective_timeout_seconds=1200")
+
+
+def _env(devices: int = 8) -> dict[str, str]:
     env = dict(os.environ, KVQ_MULTIDEVICE="1", JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {COLLECTIVE_TIMEOUTS}")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return env
 
@@ -98,7 +107,7 @@ def test_two_processes_give_the_tokens_of_one() -> None:
     from kvq_jax.model import Transformer
 
     port = str(_free_port())
-    env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = _env(devices=4)
     worker = str(HERE / "multidevice" / "multiprocess_worker.py")
     procs = [subprocess.Popen([sys.executable, worker, port, str(i)], env=env, cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]

@@ -8,7 +8,8 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # the test passes 4
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 from kvq_jax.sharding import initialize, is_leader, make_mesh  # noqa: E402
