@@ -11,12 +11,22 @@ Protocol: `kvq_jax/needle.py`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 
 from kvq_jax.loading import load
 from kvq_jax.needle import heatmap, needle
-from kvq_jax.plan import parse_kv
+from kvq_jax.evaluate import kv_name
+from kvq_jax.plan import DenseKV, KVPlan, parse_kv
+
+
+def _identity(kv: KVPlan | DenseKV) -> str:
+    """What a result is reused by: a dense cache's name, or a plan's whole JSON (without its free-text
+    note), so two plans of one file name, or a plan and its codebook twin, never share results."""
+    if isinstance(kv, DenseKV):
+        return kv_name(kv)
+    return hashlib.sha256(kv.replace(note="").to_json().encode()).hexdigest()[:16]
 
 
 def main() -> None:
@@ -41,19 +51,25 @@ def main() -> None:
         with open(path) as f:
             earlier = [json.loads(line) for line in f if line.strip()]
     runs = []
-    for spec in args.kv:
-        label = os.path.basename(spec).removesuffix(".json")
-        same = [r for r in earlier if r.get("label") == label and r["lengths"] == args.lengths
+    names = [os.path.basename(spec).removesuffix(".json") for spec in args.kv]
+    for spec, name in zip(args.kv, names):
+        # plan files of the same name from different folders get their folder in the label
+        label = name if names.count(name) == 1 else f"{os.path.basename(os.path.dirname(spec))}/{name}"
+        kv = parse_kv(spec, model.cfg.n_layers)
+        ident = _identity(kv)
+        # A result is reused only for this very cache (a plan's whole content, codebooks included;
+        # results written before identities were recorded: its description) on the same grid.
+        same = [r for r in earlier if (r["cache_id"] == ident if "cache_id" in r else r["kv"] == kv_name(kv))
+                and r["lengths"] == args.lengths
                 and r["depths"] == args.depths and r["trials"] == args.trials
                 and r["filler"] == ("text" if args.text else "built-in")]
         if same:  # this grid was run for this cache already: reuse it (the protocol is deterministic)
-            runs.append(same[-1])
+            runs.append(dict(same[-1], label=label))
             print(json.dumps({"reused": label, "accuracy": same[-1]["accuracy"]}), flush=True)
             continue
-        kv = parse_kv(spec, model.cfg.n_layers)
         r = needle(model, tok, lengths=args.lengths, depths=args.depths, trials=args.trials, kv=kv,
                    filler_text=filler, batch=args.batch, prefill_chunk=args.prefill_chunk)
-        r["label"] = label
+        r["label"], r["cache_id"] = label, ident
         runs.append(r)
         line = json.dumps(r)
         print(json.dumps({k: r[k] for k in ("label", "kv", "accuracy", "per_length")}), flush=True)
