@@ -155,8 +155,7 @@ def allocate_detailed(
             scale_dtype=scale_dtype, per_head=per_head, model_name=model_name, layer_tokens=layer_tokens),
             codebooks=key_codebooks is not False)
     rotations = _rotations(rotate, stats.n_layers)
-    books = _codebooks(stats, bool(key_codebooks) if isinstance(key_codebooks, (bool, type(None))) else key_codebooks,
-                       rotations, method)
+    books = _codebooks(stats, key_codebooks, rotations, method)
     if norm not in NORMS:
         raise KvqError(f"unknown norm {norm!r} (choose from {', '.join(NORMS)})")
     try:
@@ -261,11 +260,14 @@ def _rotations(rotate: str | Sequence[str], n_layers: int) -> tuple[str, ...]:
                  for i in range(n_layers))
 
 
-def _codebooks(stats: KVStats, flags: bool | Sequence[bool], rotations: tuple[str, ...],
+def _codebooks(stats: KVStats, flags: bool | Sequence[bool] | None, rotations: tuple[str, ...],
                method: str) -> tuple[bool, ...]:
-    """`key_codebooks` as one flag per layer, validated against the rotations and the stats."""
+    """`key_codebooks` as one flag per layer (None: none), validated against the rotations and the stats."""
     n = stats.n_layers
-    books = (bool(flags),) * n if isinstance(flags, (bool, np.bool_)) else tuple(bool(f) for f in flags)
+    if flags is None or isinstance(flags, (bool, np.bool_)):
+        books = (bool(flags),) * n
+    else:
+        books = tuple(bool(f) for f in flags)
     if len(books) != n:
         raise KvqError(f"key_codebooks has {len(books)} flags, the stats have {n} layers")
     if not any(books):

@@ -21,6 +21,7 @@ import yaml
 from kvq_jax.config import ModelConfig
 from kvq_jax.errors import KvqError
 from kvq_jax.packing import digits_per_word
+from kvq_jax.quant import qmax
 
 VALID_BITS = (1, 1.58, 2, 3, 4, 5, 6, 8, 16)
 TOKEN_GROUPS = (32, 64, 128)
@@ -100,7 +101,7 @@ def _canonical_levels(levels: Any, bits: float) -> tuple[float, ...] | None:
         return None
     if bits not in CODEBOOK_BITS:
         raise KvqError(f"codebooks are supported at {', '.join(map(str, CODEBOOK_BITS))} bits, not {bits}")
-    qm = int(round(2.0**bits - 1))
+    qm = qmax(bits)
     try:
         if isinstance(levels, (str, bytes, Mapping)):
             raise TypeError
@@ -467,10 +468,6 @@ class DenseKV:
     def __post_init__(self) -> None:
         if self.dtype not in DENSE_DTYPES:
             raise KvqError(f"dense cache dtype must be one of {', '.join(DENSE_DTYPES)}, got {self.dtype!r}")
-
-    def codebook_bytes(self) -> int:
-        """Bytes of the plan's level tables (float32, compiled into the program, not the cache)."""
-        return sum(4 * len(s.levels) for s in self.keys + self.values if s.levels)
 
     def describe(self) -> str:
         return f"dense {self.dtype} cache"

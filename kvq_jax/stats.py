@@ -19,6 +19,7 @@ import numpy as np
 from kvq_jax.errors import KvqError
 from kvq_jax.codebook import MAX_LEVELS
 from kvq_jax.plan import CODEBOOK_BITS, KEY_ROTATIONS, VALUE_ROTATIONS
+from kvq_jax.quant import qmax
 
 DEFAULT_BITS: tuple[float, ...] = (1, 1.58, 2, 3, 4, 6, 8)
 
@@ -222,7 +223,7 @@ class KVStats:
         j = self.bit_index(bits)
         if self.k_levels_prerope is None or j is None or bits not in CODEBOOK_BITS:
             return None
-        return tuple(float(x) for x in self.k_levels_prerope[layer, j, :int(round(2.0**bits))])
+        return tuple(float(x) for x in self.k_levels_prerope[layer, j, :qmax(bits) + 1])
 
     # ------------------------------------------------------------------ per-layer norms
     # Per-layer activation norms are root-sum-squares over heads. For Frobenius this is exact; for the
