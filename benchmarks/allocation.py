@@ -41,8 +41,11 @@ def main() -> None:
     ap.add_argument("--calib-context", type=int, default=None, help="calibration window (default: --context)")
     ap.add_argument("--rotate", default="none", choices=ROTATIONS + ("auto",),
                     help="the allocated plans' rotation (auto: per layer, fisher only)")
-    ap.add_argument("--no-codebooks", action="store_true",
-                    help="with --rotate auto: no learned key codebooks (the plans before they existed)")
+    ap.add_argument("--codebooks", default="all", choices=("all", "keys", "none"),
+                    help="with --rotate auto: the learned codebooks the allocator may choose (keys: key "
+                         "codebooks only; none: uniform codes only)")
+    ap.add_argument("--no-codebooks", action="store_const", const="none", dest="codebooks",
+                    help="the same as --codebooks none")
     ap.add_argument("--uniform-rotations", nargs="+", default=["none"], choices=ROTATIONS,
                     help="score each uniform KbVb plan under each of these rotations")
     ap.add_argument("--uniform", nargs="+", default=None,
@@ -75,17 +78,19 @@ def main() -> None:
                 continue
             if args.rule_budgets is not None and budget not in args.rule_budgets:
                 continue
-            rot = ("" if args.rotate == "none" else f" rotate={args.rotate}") + (" no-codebooks" if args.no_codebooks else "")
-            books = False if args.no_codebooks else None
+            tag = {"all": "", "keys": "key-codebooks", "none": "no-codebooks"}[args.codebooks]
+            rot = ("" if args.rotate == "none" else f" rotate={args.rotate}") + (f" {tag}" if tag else "")
+            books = dict(key_codebooks=False if args.codebooks == "none" else None,
+                         value_codebooks=False if args.codebooks != "all" else None)
             alloc = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name, rotate=args.rotate,
-                                      key_codebooks=books)
+                                      **books)
             name = f"{'' if slug == 'smollm2' else slug + '_'}plan_{method}_{budget:g}"
-            suffix = ("" if args.rotate == "none" else f"_{args.rotate}") + ("_nocodebooks" if args.no_codebooks else "")
+            suffix = ("" if args.rotate == "none" else f"_{args.rotate}") + ("_" + tag.replace("-", "") if tag else "")
             alloc.plan.save(os.path.join(args.out_dir, name + suffix + ".json"))
             runs.append((method + rot, method, budget, alloc.plan, float(alloc.spent)))
             if args.target_context:  # the same average over the elements the cache really holds
                 mem = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name, rotate=args.rotate,
-                                        key_codebooks=books,
+                                        **books,
                                         layer_tokens=layer_tokens_at(model.cfg, args.target_context))
                 runs.append((f"{method} memory@{args.target_context}{rot}", method, budget, mem.plan, float(mem.spent)))
     # One fp reference stream for every plan.

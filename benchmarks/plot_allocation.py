@@ -21,6 +21,7 @@ from kvq_jax.gguf_loader import read_metadata
 from kvq_jax.config import ModelConfig
 from kvq_jax.loading import resolve_model
 from kvq_jax.report import figure
+from tables import codebooks  # benchmarks/tables.py: which layers' keys and values carry a codebook
 
 
 def stored_bits(r: dict, cfg) -> float:
@@ -35,7 +36,8 @@ def series_name(r: dict) -> str:
         return "uniform KbVb" + (f", {rot}" if rot else "")
     rot = r["label"].split(" rotate=")[1] if " rotate=" in r["label"] else None
     return (r["method"] + (" (memory budget)" if "memory@" in r["label"] else "") + (f", rotate {rot}" if rot else "")
-            + (" + key codebooks" if "+codebook" in r.get("kv", "") else ""))
+            + {(True, False): " + key codebooks", (False, True): " + value codebooks",
+               (True, True): " + K/V codebooks"}.get(tuple(n > 0 for n in codebooks(r)), ""))
 
 
 def cost(r: dict, metric: str) -> float:

@@ -48,25 +48,30 @@ def allocation(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _rotations(per_layer: list[str], codebooks: int = 0) -> str:
-    """How many layers rotate their keys and their values, and how: "K prerope 12 (codebook 8),
-    hadamard 3; V ..."."""
+def _rotations(per_layer: list[str], codebooks: tuple[int, int] = (0, 0)) -> str:
+    """How many layers rotate their keys and their values, and how, with the layers whose keys
+    (before RoPE) and values (after Hadamard) carry a codebook: "K prerope 12 (codebook 8),
+    hadamard 3; V hadamard 18 (codebook 5)"."""
     sides = [split_rotation(x) for x in per_layer]
     out = []
-    for i, name in ((0, "K"), (1, "V")):
-        counts = [f"{x} {n}" + (f" (codebook {codebooks})" if x == "prerope" and i == 0 and codebooks else "")
+    for i, name, booked in ((0, "K", "prerope"), (1, "V", "hadamard")):
+        counts = [f"{x} {n}" + (f" (codebook {codebooks[i]})" if x == booked and codebooks[i] else "")
                   for x in ("hadamard", "prerope") if (n := sum(s[i] == x for s in sides))]
         if counts:
             out.append(f"{name} " + ", ".join(counts))
     return "; ".join(out) or "none"
 
 
-def _key_codebooks(r: dict) -> int:
-    """Layers whose keys carry a learned codebook, from the plan's description ("...+codebook×8")."""
-    keys = r["kv"].split("; V ")[0]
-    if "+codebook" in keys and "×" not in keys:  # one spec for every layer
-        return len(r["k_bits"])
-    return sum(int(n) for n in re.findall(r"\+codebook×(\d+)", keys))
+def codebooks(r: dict) -> tuple[int, int]:
+    """Layers whose keys, and whose values, carry a learned codebook, from the plan's description
+    ("K 3b/channel/64+codebook×8, ...; V ...")."""
+    def count(part: str) -> int:
+        if "+codebook" in part and "×" not in part:  # one spec for every layer
+            return len(r["k_bits"])
+        return sum(int(n) for n in re.findall(r"\+codebook×(\d+)", part))
+
+    keys, _, values = r["kv"].partition("; V ")
+    return count(keys), count(values.split("; ")[0])
 
 
 def long_context(rows: list[dict]) -> str:
@@ -76,7 +81,7 @@ def long_context(rows: list[dict]) -> str:
            "ppl, all tokens: vs fp | rotations |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in sorted(rows, key=lambda r: (r["budget"], r["method"] != "uniform", r["label"])):
-        rots = _rotations(r.get("rotate") or [], _key_codebooks(r))
+        rots = _rotations(r.get("rotate") or [], codebooks(r))
         out.append(f"| {r['label']} | {r['spent']:.2f} | {r['stored_bits']:.2f} | {r['ppl_decoded']:.3f} | "
                    f"{_pct(r['ppl_decoded'], r['ppl_fp_decoded'])} | {r['kl_vs_fp_decoded']:.4f} | "
                    f"{r['top1_decoded']:.4f} | {_rel(r)} | {rots} |")

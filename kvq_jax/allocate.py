@@ -41,7 +41,10 @@ import numpy as np
 from kvq_jax.config import ModelConfig
 from kvq_jax.errors import KvqError
 from kvq_jax.plan import KVPlan, QuantSpec, join_rotation, split_rotation
-from kvq_jax.stats import PREROPE_CODEBOOK, KVStats, canonical_bits as _num
+from kvq_jax.stats import CODEBOOK_OPTIONS, KVStats, canonical_bits as _num
+
+# the rotation a codebook option stores its tensor with: keys before RoPE, values after Hadamard
+_BOOK_BASE = {"k": "prerope", "v": "hadamard"}
 
 METHODS = ("fisher", "sensitivity", "norm", "weight-norm")
 NORMS = ("fro", "spec")
@@ -134,15 +137,17 @@ def allocate_detailed(
     model_name: str | None = None,
     layer_tokens: Sequence[int] | None = None,
     key_codebooks: bool | Sequence[bool] | None = None,
+    value_codebooks: bool | Sequence[bool] | None = None,
 ) -> Allocation:
     """Greedy rate-distortion allocation of K/V widths per layer (or per head) under `budget`.
 
     budget: mean bits per cached K/V element (see module docstring; `layer_tokens [L]` weighs each
     layer by the tokens it holds, see `layer_tokens_at`). bits: allowed widths (default
     `stats.bits`). key_codebooks (one flag, or one per layer; method "fisher", keys stored "prerope"):
-    the layer's keys take the codebook the analysis learned for their width (`stats.key_levels`),
-    and are allocated by the errors measured with it. With rotate="auto" the allocator chooses them
-    per layer unless key_codebooks is False; None elsewhere means no codebooks. Raises
+    the layer's keys take the codebook the analysis learned for their width (`stats.levels`),
+    and are allocated by the errors measured with it; value_codebooks the same for values stored
+    "hadamard". With rotate="auto" the allocator chooses them per layer unless they are False;
+    None elsewhere means no codebooks. Raises
     KvqError for an unknown method/norm, a width that is not allowed (or not measured, for
     "sensitivity"), or a budget below the cheapest assignment.
     """
@@ -153,9 +158,10 @@ def allocate_detailed(
             method=method, bits=bits, norm=norm, count_overhead=count_overhead, key_axis=key_axis,
             value_axis=value_axis, group_k=group_k, group_v=group_v, residual=residual, sink=sink,
             scale_dtype=scale_dtype, per_head=per_head, model_name=model_name, layer_tokens=layer_tokens),
-            codebooks=key_codebooks is not False)
+            codebooks={"k": key_codebooks is not False, "v": value_codebooks is not False})
     rotations = _rotations(rotate, stats.n_layers)
-    books = _codebooks(stats, key_codebooks, rotations, method)
+    books = {kind: _codebooks(stats, flags, rotations, method, kind)
+             for kind, flags in (("k", key_codebooks), ("v", value_codebooks))}
     if norm not in NORMS:
         raise KvqError(f"unknown norm {norm!r} (choose from {', '.join(NORMS)})")
     try:
@@ -240,10 +246,12 @@ def allocate_detailed(
             f"{' over the elements held (memory budget)' if layer_tokens is not None else ''}"
             f" spent={float(plan_spent):.4f}"
             + (f", {float(plan_elements):.4f} per layer element" if layer_tokens is not None else ""))
-    keys = tuple(dataclasses.replace(k_spec[j], levels=stats.key_levels(i, widths[j])) if books[i] else k_spec[j]
-                 for i, j in enumerate(k_idx))
+    def specs(kind: str, spec: list[QuantSpec], chosen: np.ndarray) -> tuple[QuantSpec, ...]:
+        return tuple(dataclasses.replace(spec[j], levels=stats.levels(kind, i, widths[j])) if books[kind][i]
+                     else spec[j] for i, j in enumerate(chosen))
+
     plan = KVPlan(
-        keys=keys, values=tuple(v_spec[i] for i in v_idx),
+        keys=specs("k", k_spec, k_idx), values=specs("v", v_spec, v_idx),
         residual=residual, sink=sink, rotate=rotate, scale_dtype=scale_dtype,
         model=name, model_layers=L, note=note)
     return Allocation(
@@ -261,62 +269,71 @@ def _rotations(rotate: str | Sequence[str], n_layers: int) -> tuple[str, ...]:
 
 
 def _codebooks(stats: KVStats, flags: bool | Sequence[bool] | None, rotations: tuple[str, ...],
-               method: str) -> tuple[bool, ...]:
-    """`key_codebooks` as one flag per layer (None: none), validated against the rotations and the stats."""
-    n = stats.n_layers
+               method: str, kind: str) -> tuple[bool, ...]:
+    """`key_codebooks` (kind "k") or `value_codebooks` ("v") as one flag per layer (None: none),
+    validated against the rotations and the stats."""
+    n, what = stats.n_layers, "key" if kind == "k" else "value"
     if flags is None or isinstance(flags, (bool, np.bool_)):
         books = (bool(flags),) * n
     else:
         books = tuple(bool(f) for f in flags)
     if len(books) != n:
-        raise KvqError(f"key_codebooks has {len(books)} flags, the stats have {n} layers")
+        raise KvqError(f"{what}_codebooks has {len(books)} flags, the stats have {n} layers")
     if not any(books):
         return books
     if method != "fisher":
-        raise KvqError("key codebooks are allocated from Fisher errors: use method 'fisher'")
-    if stats.k_levels_prerope is None or stats.fisher_err("k", PREROPE_CODEBOOK) is None:
-        raise KvqError("these stats have no key codebooks: re-run the analysis with the prerope rotation")
-    bad = [i for i, (b, r) in enumerate(zip(books, rotations)) if b and split_rotation(r)[0] != "prerope"]
+        raise KvqError(f"{what} codebooks are allocated from Fisher errors: use method 'fisher'")
+    base = _BOOK_BASE[kind]
+    if stats.fisher_err(kind, CODEBOOK_OPTIONS[kind]) is None:
+        raise KvqError(f"these stats have no {what} codebooks: re-run the analysis with the {base} rotation")
+    side = 0 if kind == "k" else 1
+    bad = [i for i, (b, r) in enumerate(zip(books, rotations)) if b and split_rotation(r)[side] != base]
     if bad:
-        raise KvqError(f"layer {bad[0]}: key codebooks are learned for keys stored before RoPE (rotate prerope)")
+        where = "before RoPE" if kind == "k" else "after the Hadamard rotation"
+        raise KvqError(f"layer {bad[0]}: {what} codebooks are learned for {what}s stored {where} "
+                       f"(rotate {base} on the {what} side)")
     return books
 
 
-def _auto_rotation(stats: KVStats, budget: float, kw: dict, codebooks: bool = True) -> Allocation:
+def _auto_rotation(stats: KVStats, budget: float, kw: dict, codebooks: dict[str, bool]) -> Allocation:
     """rotate="auto": the keys' and the values' rotation of each layer and the widths, by
     alternating the two choices.
 
     With the rotations fixed, the greedy allocates widths from each tensor's Fisher errors under its
-    rotation; with the widths fixed, each layer's keys take the key rotation, and its values the
-    value rotation, (of those the stats measured) with the lowest error at their width. Repeated
-    until the rotations stop changing; the allocation of lowest predicted error is returned (a greedy
-    step need not lower it). Keys stored before RoPE with the learned codebook ("prerope+codebook")
-    are one more key option, where the stats hold them (and `codebooks`).
+    rotation; with the widths fixed, each layer's keys take the key option, and its values the
+    value option, (of those the stats measured) with the lowest error at their width. Repeated
+    until the options stop changing; the allocation of lowest predicted error is returned (a greedy
+    step need not lower it). Keys before RoPE and values after Hadamard with the learned codebook
+    ("prerope+codebook", "hadamard+codebook") are one more option each, where the stats hold them
+    (and `codebooks[kind]`).
     """
     if kw["method"] != "fisher":
         raise KvqError("rotate='auto' chooses rotations from Fisher errors: use method 'fisher'")
-    cand = {kind: tuple(r for r in stats.fisher_rotations(kind) if codebooks or r != PREROPE_CODEBOOK)
+    cand = {kind: tuple(r for r in stats.fisher_rotations(kind) if codebooks[kind] or r != CODEBOOK_OPTIONS[kind])
             for kind in ("k", "v")}
     if len(cand["k"]) + len(cand["v"]) < 3:
         raise KvqError("these stats have no rotated Fisher errors: re-run the analysis to choose rotations")
-    rot, books = ("none",) * stats.n_layers, (False,) * stats.n_layers
+    none = (False,) * stats.n_layers
+    rot, books = ("none",) * stats.n_layers, {"k": none, "v": none}
     best, seen = None, set()
-    while (rot, books) not in seen:
-        seen.add((rot, books))
-        a = allocate_detailed(stats, budget, rotate=rot, key_codebooks=books, **kw)
+    while (rot, books["k"], books["v"]) not in seen:
+        seen.add((rot, books["k"], books["v"]))
+        a = allocate_detailed(stats, budget, rotate=rot, key_codebooks=books["k"], value_codebooks=books["v"], **kw)
         if best is None or a.total_err < best.total_err:
             best = a
-        prev = [(PREROPE_CODEBOOK if b else split_rotation(r)[0], split_rotation(r)[1])
-                for r, b in zip(rot, books)]
+        # each tensor's current option: its codebook option, or its side of the rotation
+        prev = [tuple(CODEBOOK_OPTIONS[kind] if books[kind][i] else split_rotation(r)[side]
+                      for side, kind in enumerate("kv")) for i, r in enumerate(rot)]
 
         def pick(kind: str, side: int, bits: np.ndarray) -> list[str]:
             err = {r: _fisher_at(stats, r, kind, bits) for r in cand[kind]}
             # a tie keeps the tensor's current option
             return [min(cand[kind], key=lambda r: (err[r][i], r != prev[i][side])) for i in range(stats.n_layers)]
 
-        keys = pick("k", 0, a.k_bits)
-        books = tuple(k == PREROPE_CODEBOOK for k in keys)
-        rot = tuple(join_rotation("prerope" if b else k, v) for k, b, v in zip(keys, books, pick("v", 1, a.v_bits)))
+        chosen = {"k": pick("k", 0, a.k_bits), "v": pick("v", 1, a.v_bits)}
+        books = {kind: tuple(r == CODEBOOK_OPTIONS[kind] for r in chosen[kind]) for kind in "kv"}
+        base = {kind: [_BOOK_BASE[kind] if b else r for r, b in zip(chosen[kind], books[kind])] for kind in "kv"}
+        rot = tuple(join_rotation(k, v) for k, v in zip(base["k"], base["v"]))
     plan = best.plan
     return dataclasses.replace(best, plan=plan.replace(note=plan.note + ", rotations chosen per layer"))
 
@@ -379,11 +396,11 @@ def _layer_floor(head_idx: np.ndarray, cost: np.ndarray) -> np.ndarray:
 
 
 def _distortions(stats: KVStats, method: str, norm: str, widths: tuple[float, ...], per_head: bool,
-                 rotations: tuple[str, ...], books: tuple[bool, ...]
+                 rotations: tuple[str, ...], books: dict[str, tuple[bool, ...]]
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Distortion of K and V at each width, [L, nb] each (or [L, H, nb] with per_head), and for
     the norm methods the factors c of e = c * 2^(-2b), [L] (or [L, H]); None for "sensitivity".
-    "fisher" reads each layer's errors under its rotation (and key codebook, `books`); the other
+    "fisher" reads each layer's errors under its rotation (or codebook option, `books[kind]`); the other
     methods ignore rotations."""
     w = np.asarray([float(b) for b in widths])
     if method == "fisher" and per_head:
@@ -398,7 +415,7 @@ def _distortions(stats: KVStats, method: str, norm: str, widths: tuple[float, ..
             for kind, side in (("k", 0), ("v", 1)):
                 rows = []
                 for i, r in enumerate(rotations):
-                    e = stats.fisher_err(kind, PREROPE_CODEBOOK if side == 0 and books[i] else split_rotation(r)[side])
+                    e = stats.fisher_err(kind, CODEBOOK_OPTIONS[kind] if books[kind][i] else split_rotation(r)[side])
                     if e is None:
                         raise KvqError(f"these stats have no Fisher errors of {split_rotation(r)[side]} "
                                        f"{'keys' if kind == 'k' else 'values'}: re-run the analysis to "

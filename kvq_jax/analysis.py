@@ -29,8 +29,9 @@ from kvq_jax.errors import KvqError
 from kvq_jax.fisher import fisher_pass, layer_fisher_errors
 from kvq_jax.model import Taps, Transformer
 from kvq_jax.codebook import MAX_LEVELS, lloyd_levels, strict_levels
-from kvq_jax.plan import CODEBOOK_BITS, DEFAULT_BLOCK, ROTATIONS, VALUE_ROTATIONS, DenseKV
-from kvq_jax.stats import DEFAULT_BITS, PREROPE_CODEBOOK, KVStats
+from kvq_jax.plan import CODEBOOK_BITS, DEFAULT_BLOCK, ROTATIONS, DenseKV
+from kvq_jax.rotations import hadamard
+from kvq_jax.stats import DEFAULT_BITS, HADAMARD_CODEBOOK, PREROPE_CODEBOOK, VALUE_OPTIONS, KVStats
 
 Array = jax.Array
 
@@ -119,7 +120,8 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
     needs a power-of-two head_dim; "prerope" measures keys only, values are not rotated by it), so
     the allocator can choose the keys' and the values' rotation of each layer. With "prerope", also
     keys before RoPE with a learned codebook per layer and width (`kvq_jax.codebook`, widths in
-    `plan.CODEBOOK_BITS`): the levels are learned on the same windows in a first pass.
+    `plan.CODEBOOK_BITS`), and with "hadamard" values after the rotation with theirs: the levels are
+    learned on the same windows in a first pass.
     """
     cfg = model.cfg
     bits = tuple(sorted(float(b) for b in bits))
@@ -152,17 +154,20 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
     if bad:
         raise KvqError(f"cannot measure rotation {bad[0]!r} on this model (allowed: {', '.join(allowed)})")
     rotations = ("none",) + tuple(r for r in (allowed if rotations is None else rotations) if r != "none")
-    # prerope keys with a learned codebook: measured where prerope keys are and a width takes one
+    # learned codebooks: keys before RoPE, values after Hadamard (the options the quantizer screen
+    # found to win), where that rotation is measured and a width takes a codebook
     book_bits = [j for j, b in enumerate(bits) if b in CODEBOOK_BITS]
-    codebooks = fisher and "prerope" in rotations and bool(book_bits)
-    if codebooks:
-        rotations = rotations + (PREROPE_CODEBOOK,)
-    levels = np.zeros((cfg.n_layers, len(bits), MAX_LEVELS))  # summed over batches, then averaged
-    fisher_k = {r: np.zeros((cfg.n_layers, len(bits))) for r in rotations}
-    fisher_v = {r: np.zeros((cfg.n_layers, len(bits))) for r in rotations if r in VALUE_ROTATIONS}
+    books = {kind: fisher and bool(book_bits) and base in rotations
+             for kind, base in (("k", "prerope"), ("v", "hadamard"))}
+    rotations = rotations + tuple(opt for kind, opt in (("k", PREROPE_CODEBOOK), ("v", HADAMARD_CODEBOOK))
+                                  if books[kind])
+    levels = {kind: np.zeros((cfg.n_layers, len(bits), MAX_LEVELS)) for kind in books}  # batch means
+    fisher_k = {r: np.zeros((cfg.n_layers, len(bits))) for r in rotations if r != HADAMARD_CODEBOOK}
+    fisher_v = {r: np.zeros((cfg.n_layers, len(bits))) for r in rotations if r in VALUE_OPTIONS}
     totals: list[dict[str, np.ndarray]] = [{} for _ in range(cfg.n_layers)]
     kw = dict(bits=bits, key_axis=key_axis, value_axis=value_axis, group_k=group_k, group_v=group_v,
               scale_dtype=scale_dtype)
+    h = jnp.asarray(hadamard(cfg.head_dim), jnp.float32) if books["v"] else None
     starts = range(0, w, batch)
     bar = tqdm(total=len(starts) * cfg.n_layers * (2 if fisher else 1), desc="analyze", file=sys.stderr,
                disable=not progress, unit="layer", leave=False)
@@ -172,16 +177,19 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
             sums = jax.device_get(_layer_sums(tap.q, tap.k_pre, tap.k, tap.v, **kw, **geometry[i]))
             for name, val in sums.items():
                 totals[i][name] = totals[i].get(name, 0.0) + np.asarray(val, np.float64)
-            for j in book_bits if codebooks else ():
-                lv = lloyd_levels(tap.k_pre, bits=bits[j], axis=key_axis, group=group_k,
-                                  sink=fisher_kw[i]["sink"], scale_dtype=scale_dtype)
-                levels[i, j, :lv.shape[0]] += np.asarray(lv, np.float64) / len(starts)
+            learn = {"k": (tap.k_pre, key_axis, group_k),
+                     "v": (tap.v.astype(jnp.float32) @ h if books["v"] else None, value_axis, group_v)}
+            for kind, (x, axis, group) in learn.items():
+                for j in book_bits if books[kind] else ():
+                    lv = lloyd_levels(x, bits=bits[j], axis=axis, group=group, sink=fisher_kw[i]["sink"],
+                                      scale_dtype=scale_dtype)
+                    levels[kind][i, j, :lv.shape[0]] += np.asarray(lv, np.float64) / len(starts)
             bar.update(1)
-    if codebooks:  # the batches' levels, averaged, as a plan stores them
+    for kind in (k for k in books if books[k]):  # the batches' levels, averaged, as a plan stores them
         for i in range(cfg.n_layers):
             for j in book_bits:
                 n = quant.qmax(bits[j]) + 1
-                levels[i, j, :n] = strict_levels(levels[i, j, :n])
+                levels[kind][i, j, :n] = strict_levels(levels[kind][i, j, :n])
     for s in starts if fisher else ():  # a second pass: the codebook errors need the final levels
         toks = jnp.asarray(windows[s: s + batch])
         _, grads, (fq, fk, fv) = fisher_pass(graphdef, state, toks)
@@ -189,10 +197,13 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
             for r in rotations:
                 rope = cfg.rope(i) if r in ("prerope", PREROPE_CODEBOOK) else None
                 ke, ve = layer_fisher_errors(
-                    fq[i], fk[i], fv[i], grads[i], rotate="prerope" if rope else r, rope=rope,
-                    k_levels=jnp.asarray(levels[i], jnp.float32) if r == PREROPE_CODEBOOK else None,
+                    fq[i], fk[i], fv[i], grads[i], rope=rope,
+                    rotate="prerope" if rope else "hadamard" if r == HADAMARD_CODEBOOK else r,
+                    k_levels=jnp.asarray(levels["k"][i], jnp.float32) if r == PREROPE_CODEBOOK else None,
+                    v_levels=jnp.asarray(levels["v"][i], jnp.float32) if r == HADAMARD_CODEBOOK else None,
                     **fisher_kw[i])
-                fisher_k[r][i] += np.asarray(ke, np.float64)
+                if ke is not None:
+                    fisher_k[r][i] += np.asarray(ke, np.float64)
                 if ve is not None:
                     fisher_v[r][i] += np.asarray(ve, np.float64)
             bar.update(1)
@@ -232,6 +243,8 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
         v_fisher_err_hadamard=per_window(fisher_v, "hadamard"),
         k_fisher_err_prerope=per_window(fisher_k, "prerope"),
         k_fisher_err_prerope_codebook=per_window(fisher_k, PREROPE_CODEBOOK),
-        k_levels_prerope=levels if codebooks else None,
+        k_levels_prerope=levels["k"] if books["k"] else None,
+        v_fisher_err_hadamard_codebook=per_window(fisher_v, HADAMARD_CODEBOOK),
+        v_levels_hadamard=levels["v"] if books["v"] else None,
         meta=info,
     )

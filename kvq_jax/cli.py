@@ -189,10 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--sink", type=_nonneg_int, default=4, help="the plan's full-precision first tokens")
     a.add_argument("--rotate", default="none", type=lambda t: t if t == "auto" else _rotation(t),
                    help="the plan's rotation (see eval --help); auto: keys' and values' rotations per layer, "
-                        "chosen with the widths (--method fisher), and whether prerope keys take a learned "
-                        "codebook")
+                        "chosen with the widths (--method fisher), and whether prerope keys and Hadamard "
+                        "values take a learned codebook")
     a.add_argument("--no-codebooks", action="store_true",
-                   help="with --rotate auto: uniform codes only (no learned key codebooks)")
+                   help="with --rotate auto: uniform codes only (no learned key or value codebooks)")
     return ap
 
 
@@ -458,6 +458,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         count_overhead=args.count_overhead, key_axis=args.key_axis, value_axis=args.value_axis,
         group_k=args.group_k, group_v=args.group_v, residual=args.residual, sink=args.sink,
         rotate=args.rotate, model_name=model.cfg.name, key_codebooks=False if args.no_codebooks else None,
+        value_codebooks=False if args.no_codebooks else None,
         layer_tokens=None if args.target_context is None else layer_tokens_at(model.cfg, args.target_context))
     alloc.plan.save(out)
     summary = {"model": model.cfg.name, "method": args.method, "budget": args.budget, "out": str(out),

@@ -129,7 +129,8 @@ def layer_fisher_errors(q: Array, k: Array, v: Array, grad: Array, *, bits: tupl
                         key_axis: str, value_axis: str, group_k: int, group_v: int, sink: int,
                         residual: int, block: int, scale_dtype: str, scale: float | None = None,
                         window: int = 0, rotate: str = "none", rope: Rope | None = None,
-                        k_levels: Array | None = None) -> tuple[Array, Array]:
+                        k_levels: Array | None = None, v_levels: Array | None = None
+                        ) -> tuple[Array | None, Array | None]:
     """`[nb]` Fisher-weighted errors of one layer's keys and of its values, summed over the batch.
 
     A sliding-window layer (`window` > 0) has no sink in the cache: pass `sink=0`. `rotate`
@@ -139,7 +140,9 @@ def layer_fisher_errors(q: Array, k: Array, v: Array, grad: Array, *, bits: tupl
     and the values as they are (their errors are the unrotated ones: None is returned for them).
     `k_levels [nb, 16]`: the keys are stored with the codebook `k_levels[j, :qmax + 1]` at each
     width `bits[j]` that takes one (`plan.CODEBOOK_BITS`, uniform codes at the others); only the
-    keys are measured then (None is returned for the values)."""
+    keys are measured then (None is returned for the values). `v_levels [nb, 16]`: the same for the
+    values (with `rotate` "hadamard": the codebook of the rotated values); only the values are
+    measured then (None is returned for the keys)."""
     q, k, v, grad = (a.astype(jnp.float32) for a in (q, k, v, grad))
     k_qdq = v_qdq = qdq_body
     if rotate == "hadamard":
@@ -156,12 +159,16 @@ def layer_fisher_errors(q: Array, k: Array, v: Array, grad: Array, *, bits: tupl
     fisher = grad * grad
     sd = jnp.dtype(scale_dtype)
     ke, ve = [], []
-    keys_only = rotate == "prerope" or k_levels is not None
+    if k_levels is not None and v_levels is not None:
+        raise ValueError("measure key codebooks and value codebooks in separate calls")
+    keys = v_levels is None
+    values = rotate != "prerope" and k_levels is None
+    book = lambda table, j, b: table[j, :quant.qmax(b) + 1] if table is not None and b in CODEBOOK_BITS else None
     for j, b in enumerate(bits):
-        lv = k_levels[j, :quant.qmax(b) + 1] if k_levels is not None and b in CODEBOOK_BITS else None
-        k_hat = k_qdq(k, b, key_axis, group_k, sink, block, sd, lv)
-        v_hat = None if keys_only else v_qdq(v, b, value_axis, group_v, sink, block, sd)
-        ke.append(0.5 * jnp.sum(fisher * (attend(k_hat, v, mask) - ref) ** 2))
-        if not keys_only:
+        if keys:
+            k_hat = k_qdq(k, b, key_axis, group_k, sink, block, sd, book(k_levels, j, b))
+            ke.append(0.5 * jnp.sum(fisher * (attend(k_hat, v, mask) - ref) ** 2))
+        if values:
+            v_hat = v_qdq(v, b, value_axis, group_v, sink, block, sd, book(v_levels, j, b))
             ve.append(0.5 * jnp.sum(fisher * (attend(k, v_hat, mask) - ref) ** 2))
-    return jnp.stack(ke), (jnp.stack(ve) if ve else None)
+    return (jnp.stack(ke) if ke else None), (jnp.stack(ve) if ve else None)

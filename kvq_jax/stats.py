@@ -57,13 +57,20 @@ _SHAPES: dict[str, tuple[str, ...]] = {
     "k_fisher_err_prerope": ("L", "B"),
     "k_fisher_err_prerope_codebook": ("L", "B"),
     "k_levels_prerope": ("L", "B", "C"),
+    "v_fisher_err_hadamard_codebook": ("L", "B"),
+    "v_levels_hadamard": ("L", "B", "C"),
 }
 OPTIONAL = ("k_fro_prerope", "k_spec_prerope", "k_sv_prerope", "k_attn_err_head", "v_attn_err_head",
             "k_fisher_err", "v_fisher_err", "k_fisher_err_hadamard", "v_fisher_err_hadamard",
-            "k_fisher_err_prerope", "k_fisher_err_prerope_codebook", "k_levels_prerope")
-# Keys stored before RoPE with the layer's learned codebook: a key option beside the rotations.
+            "k_fisher_err_prerope", "k_fisher_err_prerope_codebook", "k_levels_prerope",
+            "v_fisher_err_hadamard_codebook", "v_levels_hadamard")
+# Keys stored before RoPE, and values after the Hadamard rotation, with the layer's learned codebook:
+# one more option of each tensor beside its rotations (where the quantizer screen found codebooks win).
 PREROPE_CODEBOOK = "prerope+codebook"
+HADAMARD_CODEBOOK = "hadamard+codebook"
 KEY_OPTIONS = KEY_ROTATIONS + (PREROPE_CODEBOOK,)
+VALUE_OPTIONS = VALUE_ROTATIONS + (HADAMARD_CODEBOOK,)
+CODEBOOK_OPTIONS = {"k": PREROPE_CODEBOOK, "v": HADAMARD_CODEBOOK}
 
 
 @dataclasses.dataclass(eq=False)
@@ -84,8 +91,9 @@ class KVStats:
         values; k_fisher_err_prerope [L, nb]: for keys stored before RoPE;
         k_fisher_err_prerope_codebook [L, nb]: before RoPE with the codebooks k_levels_prerope
         [L, nb, 16] (each width's levels first, zero-padded; widths without a codebook: uniform
-        codes, all-zero rows). `fisher_err(kind, option)` reads them by the tensor's rotation or
-        key option.
+        codes, all-zero rows); v_fisher_err_hadamard_codebook [L, nb] and v_levels_hadamard
+        [L, nb, 16]: the same for values after the Hadamard rotation. `fisher_err(kind, option)`
+        reads them by the tensor's rotation or option.
     meta: JSON-able dict (model, n_layers, n_kv_heads, head_dim, bits, calib_file, calib_windows,
         calib_tokens, key_axis, value_axis, group_k, group_v).
     """
@@ -121,6 +129,8 @@ class KVStats:
     k_fisher_err_prerope: np.ndarray | None = None
     k_fisher_err_prerope_codebook: np.ndarray | None = None
     k_levels_prerope: np.ndarray | None = None
+    v_fisher_err_hadamard_codebook: np.ndarray | None = None
+    v_levels_hadamard: np.ndarray | None = None
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -170,6 +180,10 @@ class KVStats:
             # small tolerance: SVDs in float32 can be non-monotone by rounding
             if sv is not None and np.any(np.diff(sv, axis=-1) > 1e-5 * sv[..., :1] + 1e-12):
                 raise KvqError(f"KV stats: {name} singular values are not descending")
+        for err, table in (("k_fisher_err_prerope_codebook", "k_levels_prerope"),
+                           ("v_fisher_err_hadamard_codebook", "v_levels_hadamard")):
+            if (getattr(self, err) is None) != (getattr(self, table) is None):
+                raise KvqError(f"KV stats: {err} and {table} come together (one is missing)")
         for key, val in (("n_layers", dims["L"]), ("n_kv_heads", dims["H"]), ("head_dim", dims["D"])):
             if key in self.meta and self.meta[key] is not None and int(self.meta[key]) != val:
                 raise KvqError(f"KV stats: meta {key}={self.meta[key]} but arrays have {val}")
@@ -205,8 +219,8 @@ class KVStats:
 
     def fisher_err(self, kind: str, rotation: str = "none") -> np.ndarray | None:
         """`[L, nb]` Fisher errors of the keys ("k") or values ("v") stored with `rotation` (one of
-        `KEY_OPTIONS` / `VALUE_ROTATIONS`); None if not measured."""
-        allowed = KEY_OPTIONS if kind == "k" else VALUE_ROTATIONS
+        `KEY_OPTIONS` / `VALUE_OPTIONS`); None if not measured."""
+        allowed = KEY_OPTIONS if kind == "k" else VALUE_OPTIONS
         if rotation not in allowed:
             raise KvqError(f"{'keys' if kind == 'k' else 'values'} have no rotation {rotation!r}")
         name = rotation.replace("+", "_")
@@ -215,15 +229,19 @@ class KVStats:
     def fisher_rotations(self, kind: str) -> tuple[str, ...]:
         """The rotations (key options) of the keys ("k") or values ("v") whose Fisher errors these
         stats hold."""
-        allowed = KEY_OPTIONS if kind == "k" else VALUE_ROTATIONS
+        allowed = KEY_OPTIONS if kind == "k" else VALUE_OPTIONS
         return tuple(r for r in allowed if self.fisher_err(kind, r) is not None)
 
-    def key_levels(self, layer: int, bits: float) -> tuple[float, ...] | None:
-        """The learned codebook of `layer`'s pre-RoPE keys at width `bits`; None where none was learned."""
+    def levels(self, kind: str, layer: int, bits: float) -> tuple[float, ...] | None:
+        """The learned codebook of `layer`'s pre-RoPE keys ("k") or Hadamard-rotated values ("v") at
+        width `bits`; None where none was learned."""
+        if kind not in ("k", "v"):
+            raise KvqError(f"levels of 'k' or 'v', got {kind!r}")
+        table = self.k_levels_prerope if kind == "k" else self.v_levels_hadamard
         j = self.bit_index(bits)
-        if self.k_levels_prerope is None or j is None or bits not in CODEBOOK_BITS:
+        if table is None or j is None or bits not in CODEBOOK_BITS:
             return None
-        return tuple(float(x) for x in self.k_levels_prerope[layer, j, :qmax(bits) + 1])
+        return tuple(float(x) for x in table[layer, j, :qmax(bits) + 1])
 
     # ------------------------------------------------------------------ per-layer norms
     # Per-layer activation norms are root-sum-squares over heads. For Frobenius this is exact; for the

@@ -1,4 +1,5 @@
-"""Learned key codebooks: Lloyd-Max levels, their Fisher errors in the analysis, and the allocator's choice."""
+"""Learned key and value codebooks: Lloyd-Max levels, their Fisher errors in the analysis, and the
+allocator's choice."""
 
 from __future__ import annotations
 
@@ -66,11 +67,11 @@ def test_analysis_learns_a_codebook_per_layer_and_width(stats):
     assert lv.shape == (3, 5, 16) and not lv[:, [0, 4]].any()
     for i in range(3):
         for j, b in enumerate((2, 3, 4)):
-            book = stats.key_levels(i, b)
+            book = stats.levels("k", i, b)
             assert len(book) == 2**b and book[0] == 0 and book[-1] == 2**b - 1 and np.all(np.diff(book) > 0)
             np.testing.assert_array_equal(book, lv[i, j + 1, :2**b])
             assert not np.array_equal(book, np.arange(2**b))
-    assert stats.key_levels(0, 8) is None and stats.key_levels(0, 1) is None
+    assert stats.levels("k", 0, 8) is None and stats.levels("k", 0, 1) is None
     e_cb, e_pre = stats.k_fisher_err_prerope_codebook, stats.k_fisher_err_prerope
     assert np.all(np.isfinite(e_cb)) and not np.allclose(e_cb[:, 1:4], e_pre[:, 1:4])
     np.testing.assert_array_equal(e_cb[:, [0, 4]], e_pre[:, [0, 4]])  # no codebook: uniform codes
@@ -87,23 +88,62 @@ def test_analysis_learns_a_codebook_per_layer_and_width(stats):
     np.testing.assert_allclose(np.asarray(ke), np.asarray(want), rtol=1e-6)
 
 
+def test_analysis_learns_value_codebooks_after_hadamard(stats):
+    """Values: levels of the Hadamard-rotated values per layer and width, their Fisher errors (values
+    only), uniform levels giving back the plain Hadamard measurement."""
+    lv = stats.v_levels_hadamard
+    assert lv.shape == (3, 5, 16) and not lv[:, [0, 4]].any()
+    for i in range(3):
+        for b in (2, 3, 4):
+            book = stats.levels("v", i, b)
+            assert len(book) == 2**b and book[0] == 0 and book[-1] == 2**b - 1 and np.all(np.diff(book) > 0)
+            assert book != stats.levels("k", i, b)  # learned on other data
+    e_cb, e_h = stats.v_fisher_err_hadamard_codebook, stats.v_fisher_err_hadamard
+    assert np.all(np.isfinite(e_cb)) and not np.allclose(e_cb[:, 1:4], e_h[:, 1:4])
+    np.testing.assert_array_equal(e_cb[:, [0, 4]], e_h[:, [0, 4]])
+    assert stats.fisher_rotations("v") == ("none", "hadamard", "hadamard+codebook")
+    rng = np.random.default_rng(2)
+    q, k, v, g = (jnp.asarray(rng.standard_normal((1, 128, 2, 32)), jnp.float32) for _ in range(4))
+    kw = dict(bits=(2.0, 3.0), key_axis="channel", value_axis="token", group_k=32, group_v=32, sink=0,
+              residual=32, block=32, scale_dtype="float32", rotate="hadamard")
+    flat = np.zeros((2, 16), np.float32)
+    flat[0, :4], flat[1, :8] = np.arange(4), np.arange(8)
+    ke, ve = fisher.layer_fisher_errors(q, k, v, g, v_levels=jnp.asarray(flat), **kw)
+    _, want = fisher.layer_fisher_errors(q, k, v, g, **kw)
+    assert ke is None
+    np.testing.assert_allclose(np.asarray(ve), np.asarray(want), rtol=1e-6)
+    with pytest.raises(ValueError, match="separate calls"):
+        fisher.layer_fisher_errors(q, k, v, g, k_levels=jnp.asarray(flat), v_levels=jnp.asarray(flat), **kw)
+
+
 def test_stats_with_codebooks_round_trip(stats, tmp_path):
     stats.save(tmp_path / "s.npz")
     back = KVStats.load(tmp_path / "s.npz")
     np.testing.assert_array_equal(back.k_levels_prerope, stats.k_levels_prerope)
+    np.testing.assert_array_equal(back.v_levels_hadamard, stats.v_levels_hadamard)
     assert back.fisher_rotations("k") == ("none", "hadamard", "prerope", "prerope+codebook")
+    assert back.fisher_rotations("v") == ("none", "hadamard", "hadamard+codebook")
+    with pytest.raises(KvqError, match="come together"):
+        dataclasses.replace(stats, v_levels_hadamard=None)
 
 
 def test_codebook_allocation_reads_the_learned_levels(stats):
     a = allocate_detailed(stats, 2.5, method="fisher", rotate="prerope", key_codebooks=True, **KW)
     for i, s in enumerate(a.plan.keys):
-        assert s.levels == stats.key_levels(i, s.bits)
+        assert s.levels == stats.levels("k", i, s.bits)
     idx = [stats.bit_index(b) for b in a.k_bits]
     np.testing.assert_allclose(a.k_err, stats.k_fisher_err_prerope_codebook[np.arange(3), idx])
     a.plan.validate(CFG)
     assert KVPlan.from_json(a.plan.to_json()) == a.plan
     plain = allocate_detailed(stats, 2.5, method="fisher", rotate="prerope", **KW)
     assert all(s.levels is None for s in plain.plan.keys)
+    v = allocate_detailed(stats, 2.5, method="fisher", rotate="prerope/hadamard", key_codebooks=True,
+                          value_codebooks=True, **KW)
+    for i, s in enumerate(v.plan.values):
+        assert s.levels == stats.levels("v", i, s.bits)
+    idx = [stats.bit_index(b) for b in v.v_bits]
+    np.testing.assert_allclose(v.v_err, stats.v_fisher_err_hadamard_codebook[np.arange(3), idx])
+    assert KVPlan.from_json(v.plan.to_json()) == v.plan
 
 
 def test_auto_chooses_codebooks_where_they_lower_the_error(stats):
@@ -122,9 +162,30 @@ def test_auto_chooses_codebooks_where_they_lower_the_error(stats):
     assert best.total_err <= min(off.total_err, allocate_detailed(stats, 2.5, key_codebooks=False, **kw).total_err) + 1e-12
 
 
+def test_auto_chooses_value_codebooks_where_they_lower_the_error(stats):
+    """Values take the codebook (and so the Hadamard rotation) exactly where it is their lowest
+    option; value_codebooks=False keeps them out and leaves the key codebooks alone."""
+    kw = dict(method="fisher", rotate="auto", **KW)
+    cheap = dataclasses.replace(stats, v_fisher_err_hadamard_codebook=stats.v_fisher_err_hadamard_codebook * 0.01)
+    a = allocate_detailed(cheap, 2.5, **kw)
+    assert all(s.levels is not None for s in a.plan.values if s.bits in (2, 3, 4))
+    assert all(a.plan.value_rotation(i) == "hadamard" for i in range(3) if a.plan.values[i].levels)
+    a.plan.validate(CFG)
+    dear = dataclasses.replace(stats, v_fisher_err_hadamard_codebook=stats.v_fisher_err_hadamard_codebook * 100)
+    assert all(s.levels is None for s in allocate_detailed(dear, 2.5, **kw).plan.values)
+    off = allocate_detailed(cheap, 2.5, value_codebooks=False, **kw)
+    assert all(s.levels is None for s in off.plan.values)
+    keys_cheap = dataclasses.replace(cheap, k_fisher_err_prerope_codebook=stats.k_fisher_err_prerope_codebook * 0.01)
+    assert any(s.levels for s in allocate_detailed(keys_cheap, 2.5, value_codebooks=False, **kw).plan.keys)
+
+
 def test_codebook_allocation_errors(stats):
     with pytest.raises(KvqError, match="keys stored before RoPE"):
         allocate_detailed(stats, 2.5, method="fisher", rotate="hadamard", key_codebooks=True, **KW)
+    with pytest.raises(KvqError, match="values stored after the Hadamard rotation"):
+        allocate_detailed(stats, 2.5, method="fisher", rotate="prerope", value_codebooks=True, **KW)
+    with pytest.raises(KvqError, match="no value codebooks"):
+        allocate_detailed(synthetic_stats(L=3), 2.5, method="fisher", rotate="hadamard", value_codebooks=True, **KW)
     with pytest.raises(KvqError, match="no key codebooks"):
         allocate_detailed(synthetic_stats(L=3), 2.5, method="fisher", rotate="prerope", key_codebooks=True, **KW)
     with pytest.raises(KvqError, match="use method 'fisher'"):
@@ -148,3 +209,27 @@ def test_auto_with_codebooks_under_a_memory_budget(stats):
     a = allocate_detailed(cheap, 2.5, method="fisher", rotate="auto", layer_tokens=(512, 4096, 4096), **KW)
     assert a.spent <= 2.5 + 1e-12 and "memory budget" in a.plan.note
     assert any(s.levels is not None for s in a.plan.keys)
+
+
+def test_allocated_codebook_plan_drives_the_model(stats):
+    """The allocator's plan with key and value codebooks runs the model: after a prompt the next
+    token's logits agree between the XLA loop and the Pallas kernel (interpret), and differ from the
+    same plan with uniform codes (the levels are read)."""
+    from kvq_jax.cache import init_cache
+
+    plan = allocate_detailed(stats, 2.5, method="fisher", rotate="prerope/hadamard", key_codebooks=True,
+                             value_codebooks=True, **KW).plan
+    assert any(s.levels for s in plan.keys) and any(s.levels for s in plan.values)
+    uniform = plan.replace(keys=tuple(dataclasses.replace(s, levels=None) for s in plan.keys),
+                           values=tuple(dataclasses.replace(s, levels=None) for s in plan.values))
+    model = Transformer(CFG, rngs=nnx.Rngs(3))
+    toks = jnp.asarray(np.random.default_rng(5).integers(0, CFG.vocab_size, (2, 161)), jnp.int32)
+
+    def next_logits(kv, impl):
+        cache = init_cache(CFG, kv, 2, 192, jnp.float32)
+        _, cache = model(toks[:, :160], cache, attention_impl="xla", last_only=True)
+        return np.asarray(model(toks[:, 160:], cache, attention_impl=impl, last_only=True)[0])
+
+    xla, pallas = next_logits(plan, "xla"), next_logits(plan, "pallas_interpret")
+    np.testing.assert_allclose(pallas, xla, atol=2e-4, rtol=2e-4)
+    assert np.max(np.abs(xla - next_logits(uniform, "xla"))) > 1e-4

@@ -163,7 +163,7 @@ def test_prerope_errors_are_those_of_keys_quantized_before_rope(stats):
     assert np.all(np.isfinite(stats.k_fisher_err_prerope)) and not np.allclose(stats.k_fisher_err_prerope,
                                                                                 stats.k_fisher_err)
     assert stats.fisher_rotations("k") == ("none", "hadamard", "prerope", "prerope+codebook")
-    assert stats.fisher_rotations("v") == ("none", "hadamard")
+    assert stats.fisher_rotations("v") == ("none", "hadamard", "hadamard+codebook")
     rng = np.random.default_rng(1)
     b, t, h, d = 1, 256, 1, 32
     rope = (10000.0, None)
