@@ -4,7 +4,9 @@ python benchmarks/needle.py --kv fp K4V2 benchmarks/results/plan_fisher_2.5.json
     --lengths 1024 2048 4096 8000 --out-dir benchmarks/results/needle
 
 Each cache's result is a line of `<out-dir>/<model>_needle.jsonl` (a cache already run on the same
-grid there is reused, not rerun); the heatmap is `<out-dir>/<model>_needle.png` (in --kv order).
+grid there is reused, not rerun); the heatmap is `<out-dir>/<model>_needle.png` (in --kv order), each
+panel with every length the file holds for that cache (same depths, trials and filler), so a run at
+new lengths grows the grid.
 Protocol: `kvq_jax/needle.py`.
 """
 
@@ -27,6 +29,30 @@ def _identity(kv: KVPlan | DenseKV) -> str:
     if isinstance(kv, DenseKV):
         return kv_name(kv)
     return hashlib.sha256(kv.replace(note="").to_json().encode()).hexdigest()[:16]
+
+
+def _same_cache(r: dict, ident: str, kv: KVPlan | DenseKV, args: argparse.Namespace) -> bool:
+    """`r` is a result of this very cache (a plan's whole content, codebooks included; results written
+    before identities were recorded: its description) with these depths, trials and filler."""
+    return ((r["cache_id"] == ident if "cache_id" in r else r["kv"] == kv_name(kv))
+            and r["depths"] == args.depths and r["trials"] == args.trials
+            and r["filler"] == ("text" if args.text else "built-in"))
+
+
+def _with_other_lengths(run: dict, others: list[dict]) -> dict:
+    """`run` and the cells of the same cache's results at lengths `run` lacks (the grid grown by later
+    runs at new lengths, e.g. 16k after 2k-8k), for the heatmap."""
+    cells, per_length, lengths = list(run["cells"]), list(run["per_length"]), list(run["lengths"])
+    for r in others:
+        new = [n for n in r["lengths"] if n not in lengths]
+        cells += [c for c in r["cells"] if c["length"] in new]
+        per_length += [p for p in r["per_length"] if p["length"] in new]
+        lengths += new
+    if len(lengths) == len(run["lengths"]):
+        return run
+    return dict(run, lengths=sorted(lengths), cells=sorted(cells, key=lambda c: (c["length"], c["depth"])),
+                per_length=sorted(per_length, key=lambda p: p["length"]),
+                accuracy=float(sum(c["accuracy"] for c in cells) / len(cells)))
 
 
 def main() -> None:
@@ -59,18 +85,16 @@ def main() -> None:
         ident = _identity(kv)
         # A result is reused only for this very cache (a plan's whole content, codebooks included;
         # results written before identities were recorded: its description) on the same grid.
-        same = [r for r in earlier if (r["cache_id"] == ident if "cache_id" in r else r["kv"] == kv_name(kv))
-                and r["lengths"] == args.lengths
-                and r["depths"] == args.depths and r["trials"] == args.trials
-                and r["filler"] == ("text" if args.text else "built-in")]
+        mine = [r for r in earlier if _same_cache(r, ident, kv, args)]
+        same = [r for r in mine if r["lengths"] == args.lengths]
         if same:  # this grid was run for this cache already: reuse it (the protocol is deterministic)
-            runs.append(dict(same[-1], label=label))
+            runs.append(_with_other_lengths(dict(same[-1], label=label), mine))
             print(json.dumps({"reused": label, "accuracy": same[-1]["accuracy"]}), flush=True)
             continue
         r = needle(model, tok, lengths=args.lengths, depths=args.depths, trials=args.trials, kv=kv,
                    filler_text=filler, batch=args.batch, prefill_chunk=args.prefill_chunk)
         r["label"], r["cache_id"] = label, ident
-        runs.append(r)
+        runs.append(_with_other_lengths(r, mine))
         line = json.dumps(r)
         print(json.dumps({k: r[k] for k in ("label", "kv", "accuracy", "per_length")}), flush=True)
         with open(path, "a") as f:
