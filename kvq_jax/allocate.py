@@ -41,10 +41,7 @@ import numpy as np
 from kvq_jax.config import ModelConfig
 from kvq_jax.errors import KvqError
 from kvq_jax.plan import KVPlan, QuantSpec, join_rotation, split_rotation
-from kvq_jax.stats import CODEBOOK_OPTIONS, KVStats, canonical_bits as _num
-
-# the rotation a codebook option stores its tensor with: keys before RoPE, values after Hadamard
-_BOOK_BASE = {"k": "prerope", "v": "hadamard"}
+from kvq_jax.stats import CODEBOOK_BASE, CODEBOOK_OPTIONS, KVStats, canonical_bits as _num
 
 METHODS = ("fisher", "sensitivity", "norm", "weight-norm")
 NORMS = ("fro", "spec")
@@ -283,7 +280,7 @@ def _codebooks(stats: KVStats, flags: bool | Sequence[bool] | None, rotations: t
         return books
     if method != "fisher":
         raise KvqError(f"{what} codebooks are allocated from Fisher errors: use method 'fisher'")
-    base = _BOOK_BASE[kind]
+    base = CODEBOOK_BASE[kind]
     if stats.fisher_err(kind, CODEBOOK_OPTIONS[kind]) is None:
         raise KvqError(f"these stats have no {what} codebooks: re-run the analysis with the {base} rotation")
     side = 0 if kind == "k" else 1
@@ -332,7 +329,7 @@ def _auto_rotation(stats: KVStats, budget: float, kw: dict, codebooks: dict[str,
 
         chosen = {"k": pick("k", 0, a.k_bits), "v": pick("v", 1, a.v_bits)}
         books = {kind: tuple(r == CODEBOOK_OPTIONS[kind] for r in chosen[kind]) for kind in "kv"}
-        base = {kind: [_BOOK_BASE[kind] if b else r for r, b in zip(chosen[kind], books[kind])] for kind in "kv"}
+        base = {kind: [CODEBOOK_BASE[kind] if b else r for r, b in zip(chosen[kind], books[kind])] for kind in "kv"}
         rot = tuple(join_rotation(k, v) for k, v in zip(base["k"], base["v"]))
     plan = best.plan
     return dataclasses.replace(best, plan=plan.replace(note=plan.note + ", rotations chosen per layer"))

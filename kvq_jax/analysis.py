@@ -31,7 +31,8 @@ from kvq_jax.model import Taps, Transformer
 from kvq_jax.codebook import MAX_LEVELS, lloyd_levels, strict_levels
 from kvq_jax.plan import CODEBOOK_BITS, DEFAULT_BLOCK, ROTATIONS, DenseKV
 from kvq_jax.rotations import hadamard
-from kvq_jax.stats import DEFAULT_BITS, HADAMARD_CODEBOOK, PREROPE_CODEBOOK, VALUE_OPTIONS, KVStats
+from kvq_jax.stats import (CODEBOOK_BASE, CODEBOOK_OPTIONS, DEFAULT_BITS, HADAMARD_CODEBOOK, PREROPE_CODEBOOK,
+                           VALUE_OPTIONS, KVStats)
 
 Array = jax.Array
 
@@ -157,10 +158,8 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
     # learned codebooks: keys before RoPE, values after Hadamard (the options the quantizer screen
     # found to win), where that rotation is measured and a width takes a codebook
     book_bits = [j for j, b in enumerate(bits) if b in CODEBOOK_BITS]
-    books = {kind: fisher and bool(book_bits) and base in rotations
-             for kind, base in (("k", "prerope"), ("v", "hadamard"))}
-    rotations = rotations + tuple(opt for kind, opt in (("k", PREROPE_CODEBOOK), ("v", HADAMARD_CODEBOOK))
-                                  if books[kind])
+    books = {kind: fisher and bool(book_bits) and base in rotations for kind, base in CODEBOOK_BASE.items()}
+    rotations = rotations + tuple(opt for kind, opt in CODEBOOK_OPTIONS.items() if books[kind])
     levels = {kind: np.zeros((cfg.n_layers, len(bits), MAX_LEVELS)) for kind in books}  # batch means
     fisher_k = {r: np.zeros((cfg.n_layers, len(bits))) for r in rotations if r != HADAMARD_CODEBOOK}
     fisher_v = {r: np.zeros((cfg.n_layers, len(bits))) for r in rotations if r in VALUE_OPTIONS}

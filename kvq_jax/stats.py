@@ -71,6 +71,7 @@ HADAMARD_CODEBOOK = "hadamard+codebook"
 KEY_OPTIONS = KEY_ROTATIONS + (PREROPE_CODEBOOK,)
 VALUE_OPTIONS = VALUE_ROTATIONS + (HADAMARD_CODEBOOK,)
 CODEBOOK_OPTIONS = {"k": PREROPE_CODEBOOK, "v": HADAMARD_CODEBOOK}
+CODEBOOK_BASE = {"k": "prerope", "v": "hadamard"}  # the rotation each codebook option stores its tensor with
 
 
 @dataclasses.dataclass(eq=False)
