@@ -161,6 +161,8 @@ def layer_fisher_errors(q: Array, k: Array, v: Array, grad: Array, *, bits: tupl
     ke, ve = [], []
     if k_levels is not None and v_levels is not None:
         raise ValueError("measure key codebooks and value codebooks in separate calls")
+    if v_levels is not None and rotate == "prerope":
+        raise ValueError("rotate='prerope' measures keys only: value codebooks need rotate 'none' or 'hadamard'")
     keys = v_levels is None
     values = rotate != "prerope" and k_levels is None
     book = lambda table, j, b: table[j, :quant.qmax(b) + 1] if table is not None and b in CODEBOOK_BITS else None

@@ -114,6 +114,9 @@ def test_analysis_learns_value_codebooks_after_hadamard(stats):
     np.testing.assert_allclose(np.asarray(ve), np.asarray(want), rtol=1e-6)
     with pytest.raises(ValueError, match="separate calls"):
         fisher.layer_fisher_errors(q, k, v, g, k_levels=jnp.asarray(flat), v_levels=jnp.asarray(flat), **kw)
+    with pytest.raises(ValueError, match="keys only"):
+        fisher.layer_fisher_errors(q, k, v, g, v_levels=jnp.asarray(flat), rope=CFG.rope(0),
+                                   **dict(kw, rotate="prerope"))
 
 
 def test_stats_with_codebooks_round_trip(stats, tmp_path):
