@@ -194,13 +194,13 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
         _, grads, (fq, fk, fv) = fisher_pass(graphdef, state, toks)
         for i in range(cfg.n_layers):
             for r in rotations:
-                rope = cfg.rope(i) if r in ("prerope", PREROPE_CODEBOOK) else None
+                book = {kind: jnp.asarray(levels[kind][i], jnp.float32) if r == opt else None
+                        for kind, opt in CODEBOOK_OPTIONS.items()}
+                rotate = next((CODEBOOK_BASE[kind] for kind, opt in CODEBOOK_OPTIONS.items() if r == opt), r)
                 ke, ve = layer_fisher_errors(
-                    fq[i], fk[i], fv[i], grads[i], rope=rope,
-                    rotate="prerope" if rope else "hadamard" if r == HADAMARD_CODEBOOK else r,
-                    k_levels=jnp.asarray(levels["k"][i], jnp.float32) if r == PREROPE_CODEBOOK else None,
-                    v_levels=jnp.asarray(levels["v"][i], jnp.float32) if r == HADAMARD_CODEBOOK else None,
-                    **fisher_kw[i])
+                    fq[i], fk[i], fv[i], grads[i], rotate=rotate,
+                    rope=cfg.rope(i) if rotate == "prerope" else None,
+                    k_levels=book["k"], v_levels=book["v"], **fisher_kw[i])
                 if ke is not None:
                     fisher_k[r][i] += np.asarray(ke, np.float64)
                 if ve is not None:

@@ -59,6 +59,18 @@ def test_strict_levels_makes_a_valid_table():
     assert strict_levels([0, 0, 0, 3]) == (0.0, 0.001, 0.002, 3.0)
 
 
+def _uniform_levels_case(seed: int, **rotation):
+    """Random q, k, v and gradients `[1, 128, 2, 32]`, `layer_fisher_errors` keywords at 2 and 3 bits
+    with `rotation`, and a level table `[2, 16]` holding the uniform levels of both widths."""
+    rng = np.random.default_rng(seed)
+    qkvg = tuple(jnp.asarray(rng.standard_normal((1, 128, 2, 32)), jnp.float32) for _ in range(4))
+    kw = dict(bits=(2.0, 3.0), key_axis="channel", value_axis="token", group_k=32, group_v=32, sink=0,
+              residual=32, block=32, scale_dtype="float32", **rotation)
+    flat = np.zeros((2, 16), np.float32)
+    flat[0, :4], flat[1, :8] = np.arange(4), np.arange(8)
+    return qkvg, kw, flat
+
+
 def test_analysis_learns_a_codebook_per_layer_and_width(stats):
     """The stats hold each layer's pre-RoPE key levels at the widths that take a codebook (2, 3, 4
     here: zero rows at 1 and 8) and the Fisher errors measured with them; with uniform levels
@@ -76,12 +88,7 @@ def test_analysis_learns_a_codebook_per_layer_and_width(stats):
     assert np.all(np.isfinite(e_cb)) and not np.allclose(e_cb[:, 1:4], e_pre[:, 1:4])
     np.testing.assert_array_equal(e_cb[:, [0, 4]], e_pre[:, [0, 4]])  # no codebook: uniform codes
     # layer_fisher_errors with the uniform levels is the pre-RoPE measurement
-    rng = np.random.default_rng(1)
-    q, k, v, g = (jnp.asarray(rng.standard_normal((1, 128, 2, 32)), jnp.float32) for _ in range(4))
-    kw = dict(bits=(2.0, 3.0), key_axis="channel", value_axis="token", group_k=32, group_v=32, sink=0,
-              residual=32, block=32, scale_dtype="float32", rotate="prerope", rope=CFG.rope(0))
-    flat = np.zeros((2, 16), np.float32)
-    flat[0, :4], flat[1, :8] = np.arange(4), np.arange(8)
+    (q, k, v, g), kw, flat = _uniform_levels_case(1, rotate="prerope", rope=CFG.rope(0))
     ke, ve = fisher.layer_fisher_errors(q, k, v, g, k_levels=jnp.asarray(flat), **kw)
     want, _ = fisher.layer_fisher_errors(q, k, v, g, **kw)
     assert ve is None
@@ -102,12 +109,7 @@ def test_analysis_learns_value_codebooks_after_hadamard(stats):
     assert np.all(np.isfinite(e_cb)) and not np.allclose(e_cb[:, 1:4], e_h[:, 1:4])
     np.testing.assert_array_equal(e_cb[:, [0, 4]], e_h[:, [0, 4]])
     assert stats.fisher_rotations("v") == ("none", "hadamard", "hadamard+codebook")
-    rng = np.random.default_rng(2)
-    q, k, v, g = (jnp.asarray(rng.standard_normal((1, 128, 2, 32)), jnp.float32) for _ in range(4))
-    kw = dict(bits=(2.0, 3.0), key_axis="channel", value_axis="token", group_k=32, group_v=32, sink=0,
-              residual=32, block=32, scale_dtype="float32", rotate="hadamard")
-    flat = np.zeros((2, 16), np.float32)
-    flat[0, :4], flat[1, :8] = np.arange(4), np.arange(8)
+    (q, k, v, g), kw, flat = _uniform_levels_case(2, rotate="hadamard")
     ke, ve = fisher.layer_fisher_errors(q, k, v, g, v_levels=jnp.asarray(flat), **kw)
     _, want = fisher.layer_fisher_errors(q, k, v, g, **kw)
     assert ke is None
