@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import getpass
 import importlib.util
@@ -25,9 +26,55 @@ if os.environ.get("KVQ_JAX_TEST_XLA_CACHE") != "0":
     jax.config.update("jax_persistent_cache_min_compile_time_secs",
                       float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
+def pytest_report_header() -> str:
+    """The CPUs this run may use and the XLA flags it runs with: what to read first when a CI run is
+    slower than this machine or hangs."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota = f.read().strip()
+    except OSError:
+        quota = "n/a"
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "n/a"
+    return (f"kvq-jax tests: {os.cpu_count()} CPUs, {affinity} in affinity, cgroup cpu.max {quota}; "
+            f"jax {jax.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+
+
 # The 8-device tests run in their own pytest session (tests/test_sharding.py starts it), so this one
 # keeps a single device.
 collect_ignore = [] if os.environ.get("KVQ_MULTIDEVICE") else ["multidevice"]
+
+
+@contextlib.contextmanager
+def _machine_lock(exclusive: bool):
+    """A readers-writer lock over the xdist workers of one run: a `whole_machine` test (the 8-device
+    session, the 2-process run) runs while the other worker waits, every other test shares. Beside a
+    busy second worker, CI killed the 8-device session after 1500 s (542 s on the dev box)."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:  # one process (-n 0): nothing runs beside the test
+        yield
+        return
+    import fcntl
+
+    folder = os.path.join(tempfile.gettempdir(), f"kvq-jax-tests-{getpass.getuser()}-{run}")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "gate"), "a") as gate, open(os.path.join(folder, "machine"), "a") as machine:
+        # Everyone passes the gate; a waiting whole-machine test holds it, so new shared holders queue
+        # behind it instead of starving it.
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(machine, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(machine, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True)
+def _share_the_machine(request: pytest.FixtureRequest):
+    with _machine_lock(request.node.get_closest_marker("whole_machine") is not None):
+        yield
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -171,9 +171,11 @@ def test_stored_arrays_do_not_depend_on_the_chunking(name):
             np.testing.assert_array_equal(a, b, err_msg=f"{name}: chunks {key}")
 
 
-@pytest.mark.parametrize("name", ["K4V2", "K4V2 bf16 window", "K3V1.58 hadamard", "16-bit hadamard", "K2V4 prerope"])
+# Three plans that between them pass every model-side transform (bf16 window, Hadamard, pre-RoPE);
+# the test above covers every plan's writer without the model.
+@pytest.mark.parametrize("name", ["K4V2 bf16 window", "K3V1.58 hadamard", "K2V4 prerope"])
 def test_one_layer_model_stores_the_same_whatever_the_chunking(name):
-    """Through the model (projections, RoPE, rotation): chunkings 1, 7, 64, 333 and T store alike.
+    """Through the model (projections, RoPE, rotation): chunkings 1, 7, 333 and T store alike.
 
     XLA:CPU's matrix products round differently for different T, so the model's K/V themselves differ
     in the last bit between chunkings (identical inputs store identical arrays: the test above). Here
@@ -186,7 +188,7 @@ def test_one_layer_model_stores_the_same_whatever_the_chunking(name):
     n = np.array([500])
     tokens = np.random.default_rng(2).integers(3, cfg.vocab_size, (1, 500)).astype(np.int32)
     ref = None
-    for sizes in ([500], [333], [64], [7], [1]):
+    for sizes in ([500], [333], [7], [1]):
         logits, cache = feed(model, init_cache(cfg, plan, 1, 512), tokens, schedule(n, sizes))
         assert np.isfinite(logits[0]).all()
         if ref is None:

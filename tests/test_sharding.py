@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +20,10 @@ from kvq_jax.sharding import ShardingRules, initialize, make_mesh, param_axes, p
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE / "multidevice"))
+from xla_flags import xla_flags_for  # noqa: E402
+
+sys.path.pop(0)
 
 
 def test_parse_mesh() -> None:
@@ -62,29 +67,45 @@ def test_cli_bad_mesh_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path
     assert err.count("\n") == 1 and "error" in err
 
 
-# XLA:CPU aborts the process when a device thread reaches a collective more than its termination
-# timeout after the others (its default is tens of seconds): 8 simulated devices on a 2-core CI
-# machine, beside the other pytest worker, fell that far behind once (a worker crashed in CI). The
-# collectives themselves are fast; only the scheduling is slow, so the timeouts are raised.
-COLLECTIVE_TIMEOUTS = ("--xla_cpu_collective_call_terminate_timeout_seconds=1200 "
-                       "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300 "
-                       "--xla_cpu_collective_timeout_seconds=1200")
-
-
 def _env(devices: int = 8) -> dict[str, str]:
     env = dict(os.environ, KVQ_MULTIDEVICE="1", JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {COLLECTIVE_TIMEOUTS}")
+               XLA_FLAGS=xla_flags_for("", devices))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    # Not a worker of this xdist run: inherited, these would make the 8-device session's tests wait
+    # for the machine lock that the test which started it holds (tests/conftest.py).
+    for key in [key for key in env if key.startswith("PYTEST_XDIST_")]:
+        del env[key]
     return env
 
 
+@pytest.mark.whole_machine
 def test_eight_device_session() -> None:
     """tests/multidevice on 8 CPU devices: sharded generate/eval equal one device (fp, K4V2, a mixed
     plan; data=4, data=2/seq=4, model=3, seq=8), cache layout and bytes, no cache all-gather in HLO."""
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "multidevice")],
-                       env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=1500)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    # One process (-n 0), the other worker paused (`whole_machine`): 8 device threads then have both
+    # cores. -v and the durations name every test, and a test stuck 10 minutes dumps its stacks, so
+    # a slow or hung CI run says where it was.
+    cmd = [sys.executable, "-m", "pytest", "-v", "-n", "0", "-p", "no:cacheprovider", "--durations=8",
+           "-o", "faulthandler_timeout=600", str(HERE / "multidevice")]
+    try:
+        r = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=2400)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"8-device session past {e.timeout} s:\n{_what_it_said(e.stdout, e.stderr)}")
+    assert r.returncode == 0, f"exit {r.returncode}:\n{_what_it_said(r.stdout, r.stderr)}"
     assert " passed" in r.stdout and "failed" not in r.stdout
+
+
+def _what_it_said(out: str | bytes | None, err: str | bytes | None) -> str:
+    """A failed subprocess's report: its stdout's tail, XLA's own log lines (a fatal rendezvous timeout
+    names the collective) and the first stack dump (faulthandler's timeout dump says where it hung),
+    then the tail of stderr; tails alone lose the start of a crash."""
+    text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else b or ""
+    out, err = text(out), text(err)
+    xla = [line[:300] for line in err.splitlines() if re.match(r"[FEW]\d{4} ", line)]
+    dump = err.find("Timeout (")
+    dump = err[dump:dump + 3000] if dump >= 0 else ""
+    return "\n".join([out[-5000:], "--- XLA log ---", *xla[:20], "--- first stack dump ---", dump,
+                      "--- stderr tail ---", err[-1500:]])
 
 
 def _free_port() -> int:
@@ -93,6 +114,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.whole_machine
 def test_two_processes_give_the_tokens_of_one() -> None:
     """jax.distributed on localhost: 2 processes x 4 CPU devices, one 8-device mesh; process 0 alone
     prints, and its tokens equal a single process's."""
@@ -113,7 +135,7 @@ def test_two_processes_give_the_tokens_of_one() -> None:
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+        assert p.returncode == 0, _what_it_said(out, err)
     # Only our tagged lines count: gloo logs to stdout in formats that vary across versions.
     tag = "kvq-result: "
     ours = lambda out: [l[len(tag):] for l in out.splitlines() if l.startswith(tag)]

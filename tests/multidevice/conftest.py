@@ -1,13 +1,14 @@
 """A separate pytest session on 8 CPU devices: `tests/test_sharding.py` runs it in a subprocess with
-XLA_FLAGS=--xla_force_host_platform_device_count=8 (set before jax is imported), so the rest of the
-suite keeps one device."""
+XLA_FLAGS=--xla_force_host_platform_device_count=8 and the flags of `xla_flags.py` (set here too, before
+jax is imported), so the rest of the suite keeps one device."""
 
 from __future__ import annotations
 
 import os
 
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+from xla_flags import xla_flags_for
+
+os.environ["XLA_FLAGS"] = xla_flags_for(os.environ.get("XLA_FLAGS", ""), 8)
 
 import jax  # noqa: E402
 

@@ -8,8 +8,9 @@ import json
 import os
 import sys
 
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # the test passes 4
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+from xla_flags import xla_flags_for  # noqa: E402  (this script's folder is on sys.path)
+
+os.environ["XLA_FLAGS"] = xla_flags_for(os.environ.get("XLA_FLAGS", ""), 4)  # the test passes 4 too
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 from kvq_jax.sharding import initialize, is_leader, make_mesh  # noqa: E402
