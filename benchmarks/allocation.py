@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--stats", default=None,
                     help="statistics file to use, or to write (default: <out-dir>/<model>_stats.npz)")
     ap.add_argument("--calib-context", type=int, default=None, help="calibration window (default: --context)")
+    ap.add_argument("--calib-batch", type=int, default=2, help="calibration windows per analysis pass")
     ap.add_argument("--rotate", default="none", choices=ROTATIONS + ("auto",),
                     help="the allocated plans' rotation (auto: per layer, fisher only)")
     ap.add_argument("--codebooks", default="all", choices=("all", "keys", "none"),
@@ -64,7 +65,7 @@ def main() -> None:
         stats = KVStats.load(stats_path)
     else:
         stats = analyze(model, text_windows(tok, calib, args.calib_context or args.context, args.calib_windows),
-                        progress=True,
+                        progress=True, batch=args.calib_batch,
                         meta={"calib_file": os.path.basename(args.text) + " (first half)"})
         stats.save(stats_path)
     runs = []  # (label, method, budget, plan, data bits spent)
@@ -113,4 +114,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from entry import run
+
+    run(main)

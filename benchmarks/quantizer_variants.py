@@ -28,7 +28,7 @@ from flax import nnx
 
 from kvq_jax.codebook import lloyd_levels
 from kvq_jax.evaluate import text_windows
-from kvq_jax.fisher import fisher_pass, mixed_attention, protocol_mask, qdq_body
+from kvq_jax.fisher import fisher_pass, mixed_attention, protocol_span, qdq_body
 from kvq_jax.loading import load
 from kvq_jax.rotations import apply_rope, hadamard
 
@@ -85,11 +85,11 @@ def main() -> None:
         for i in range(cfg.n_layers):
             rope, window = cfg.rope(i), cfg.window(i)
             sink = 0 if window else SINK
-            mask = jnp.asarray(protocol_mask(t, sink, RESIDUAL, G))
-            ref = mixed_attention(q[i], k[i], v[i], k[i], v[i], jnp.zeros_like(mask), cfg.scale, window)
+            span = protocol_span(t, sink, RESIDUAL, G)
+            ref = mixed_attention(q[i], k[i], v[i], k[i], v[i], None, cfg.scale, window)
             fisher = grads[i] ** 2
             err = lambda kh, vh: float(0.5 * jnp.sum(fisher * (mixed_attention(
-                q[i], k[i], v[i], kh, vh, mask, cfg.scale, window) - ref) ** 2))
+                q[i], k[i], v[i], kh, vh, span, cfg.scale, window) - ref) ** 2))
             uni = lambda x, b, axis: qdq_body(x, b, axis, G, sink, G, jnp.bfloat16)
             pre = lambda f: apply_rope(f(apply_rope(k[i], pos, rope, inverse=True)), pos, rope)
             for b in BITS:
@@ -134,4 +134,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from entry import run
+
+    run(main)

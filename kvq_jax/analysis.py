@@ -23,10 +23,9 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from kvq_jax import quant
-from kvq_jax.attention import causal_attention
 from kvq_jax.cache import init_cache
 from kvq_jax.errors import KvqError
-from kvq_jax.fisher import fisher_pass, layer_fisher_errors
+from kvq_jax.fisher import attention_variants, fisher_pass, layer_fisher_errors, query_rows
 from kvq_jax.model import Taps, Transformer
 from kvq_jax.codebook import MAX_LEVELS, lloyd_levels, strict_levels
 from kvq_jax.plan import CODEBOOK_BITS, DEFAULT_BLOCK, ROTATIONS, DenseKV
@@ -46,17 +45,6 @@ def capture(graphdef, state, tokens: Array) -> tuple[Taps, ...]:
     return model.forward(tokens, cache)[2]
 
 
-def _attend(q: Array, k: Array, v: Array, scale: float | None = None, window: int = 0) -> Array:
-    """Causal attention as the model's layer does it, q `[B, T, Hq, D]`, k/v `[B, T, Hkv, D]` →
-    `[B, T, Hq, D]`: scores scaled by `scale` (default D ** -0.5), `window` > 0 for a local layer."""
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    qh = (q * (d ** -0.5 if scale is None else scale)).reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4)
-    out = causal_attention(qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), jnp.full((b,), t, jnp.int32),
-                           window)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
-
-
 def _qdq(x: Array, bits: float, axis: str, group: int, scale_dtype) -> Array:
     """Quantize-dequantize x `[B, T, H, D]` with the cache's grouping (token axis = T)."""
     xt = x.transpose(0, 2, 1, 3)  # [B, H, T, D]
@@ -74,23 +62,25 @@ def _layer_sums(q, k_pre, k, v, *, bits: tuple[float, ...], key_axis: str, value
     q, k_pre, k, v = map(f32, (q, k_pre, k, v))
     gram = lambda x: jnp.einsum("bthd,bthe->hde", x, x)
     sq = lambda x: jnp.sum(x * x, axis=(0, 1, 3))
-    attend = lambda kk, vv: _attend(q, kk, vv, scale, window)
-    ref = attend(k, v)
     hkv = k.shape[2]
-    per_head = lambda e: jnp.sum(e.reshape(e.shape[:2] + (hkv, -1, e.shape[3])), axis=(0, 1, 3, 4))
-    out = {"k_gram": gram(k), "v_gram": gram(v), "kpre_gram": gram(k_pre), "k_sq": sq(k), "v_sq": sq(v),
-           "attn_sq": per_head(ref * ref)}
+    t = q.shape[1]
+    per_head = lambda e: jnp.sum(e.reshape(e.shape[:-2] + (hkv, -1, e.shape[-1])), axis=(-5, -4, -2, -1))
+    out = {"k_gram": gram(k), "v_gram": gram(v), "kpre_gram": gram(k_pre), "k_sq": sq(k), "v_sq": sq(v)}
     sd = jnp.dtype(scale_dtype)
-    kq, vq, ka, va = [], [], [], []
-    for b in bits:
-        k_hat = _qdq(k, b, key_axis, group_k, sd)
-        v_hat = _qdq(v, b, value_axis, group_v, sd)
-        kq.append(sq(k_hat - k))
-        vq.append(sq(v_hat - v))
-        ka.append(per_head((attend(k_hat, v) - ref) ** 2))
-        va.append(per_head((attend(k, v_hat) - ref) ** 2))
-    out.update(k_qerr=jnp.stack(kq, -1), v_qerr=jnp.stack(vq, -1), k_attn=jnp.stack(ka, -1),
-               v_attn=jnp.stack(va, -1))
+    k_hats = [_qdq(k, b, key_axis, group_k, sd) for b in bits]
+    v_hats = [_qdq(v, b, value_axis, group_v, sd) for b in bits]
+
+    def reduce(a: Array, ref: Array, outs: Array) -> tuple[Array, Array]:
+        real = query_rows(a, t)[None, :, None, None]
+        return per_head(jnp.where(real, ref * ref, 0.0)), per_head(jnp.where(real, (outs - ref) ** 2, 0.0))
+
+    # every token quantized (the tensor's own error, not the cache's protocol): keys, then values
+    attn_sq, errs = attention_variants(q, k, v, [(kh, None) for kh in k_hats] + [(None, vh) for vh in v_hats],
+                                       (jnp.zeros(t), jnp.full(t, t)), scale, window, reduce)
+    errs = jnp.sum(errs, axis=0)  # [2 nb, Hkv]
+    out.update(attn_sq=jnp.sum(attn_sq, axis=0), k_qerr=jnp.stack([sq(kh - k) for kh in k_hats], -1),
+               v_qerr=jnp.stack([sq(vh - v) for vh in v_hats], -1), k_attn=errs[:len(bits)].T,
+               v_attn=errs[len(bits):].T)
     return out
 
 

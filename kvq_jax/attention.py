@@ -326,25 +326,18 @@ def causal_new(q: Array, k: Array, v: Array, q_tok: Array, n_new: Array, window:
     return _segment(q, k, v, mask)
 
 
-def causal_attention(q: Array, k: Array, v: Array, n_new: Array, window: int = 0) -> Array:
-    """Full-precision causal attention within a prompt (no cache).
-
-    q `[B, Hkv, R, T, D]` pre-scaled, k/v `[B, Hkv, T, D]`, n_new `[B]` valid tokens per row.
-    """
-    b, h, rep, t, d = q.shape
-    rows = q.transpose(0, 1, 3, 2, 4).reshape(b, h, t * rep, d)
-    out = _by_query_blocks(rows, rep, t, lambda qb, tok: causal_new(qb, k, v, tok, n_new, window)[0])
-    return out.reshape(b, h, t, rep, d).transpose(0, 1, 3, 2, 4)
-
-
 _QUERY_BLOCK = 256  # new tokens attended at once: scores stay O(block x (cache chunk + T))
 
 
-def _by_query_blocks(q: Array, rep: int, t: int, fn: Callable[[Array, Array], Array]) -> Array:
+def _by_query_blocks(q: Array, rep: int, t: int, fn: Callable[[Array, Array], Array], remat: bool = False) -> Array:
     """Applies `fn(q_rows, q_tok)` to blocks of `_QUERY_BLOCK` tokens' query rows (`rep` per token).
 
-    q `[B, H, T * rep, D]`, rows ordered token-major. Returns `[B, H, T * rep, D]`.
+    q `[B, H, T * rep, D]`, rows ordered token-major. Returns `[B, H, T * rep, D]`. `remat`: a
+    backward pass recomputes each block's scores instead of keeping them (`[rows, keys]` per block
+    and layer would otherwise live until the gradient: O(T^2) memory per layer).
     """
+    if remat:
+        fn = jax.checkpoint(fn)
     tok = jnp.arange(t * rep) // rep
     if t <= _QUERY_BLOCK:
         return fn(q, tok)
@@ -443,7 +436,7 @@ def _attend(q: Array, k: Array, v: Array, layer: LayerCache, lengths: Array, n_n
             o, lse = read_window(_rotate(qb, rot_k), layer, lengths, lo, impl == DIFFERENTIABLE)
             return merge([(_rotate(o, rot_v), lse), causal_new(qb, kh, vh, q_tok, n_new, w)])[0]
 
-        out = _by_query_blocks(qh, rep, t, block)
+        out = _by_query_blocks(qh, rep, t, block, remat=impl == DIFFERENTIABLE)
         layer = kvcache.write(layer, kc, vc, lengths, n_new)
     elif isinstance(layer, DenseLayer):
         # A dense layer stores what it is given, so the new tokens are written first and every query
@@ -454,7 +447,8 @@ def _attend(q: Array, k: Array, v: Array, layer: LayerCache, lengths: Array, n_n
         layer = kvcache.write(layer, kh, vh, lengths - start, n_new)
         upto = lambda tok: jnp.maximum(lengths[:, None] + jnp.minimum(tok[None, :] + 1, n_new[:, None]) - start, 0)
         static = impl == DIFFERENTIABLE
-        out = _by_query_blocks(qh, rep, t, lambda qb, tok: merge(_across(dense_read(qb, layer, upto(tok), static), seq))[0])
+        out = _by_query_blocks(qh, rep, t, lambda qb, tok: merge(_across(dense_read(qb, layer, upto(tok), static), seq))[0],
+                               remat=static)
     else:
         kc, vc = _rotate(kh, rot_k), _rotate(vh, rot_v)
         # The body is flushed first (it only changes past what is read: the old Q(n) packed tokens),
@@ -466,7 +460,7 @@ def _attend(q: Array, k: Array, v: Array, layer: LayerCache, lengths: Array, n_n
             o, lse = read_quantized(_rotate(qb, rot_k), flushed, lengths, impl, seq)
             return merge([(_rotate(o, rot_v), lse), causal_new(qb, kh, vh, q_tok, n_new)])[0]
 
-        out = _by_query_blocks(qh, rep, t, block)
+        out = _by_query_blocks(qh, rep, t, block, remat=impl == DIFFERENTIABLE)
         layer = kvcache.write_window(flushed, kc, vc, lengths, n_new, ring_start)
     out = out.reshape(b, hkv, t, rep, d).transpose(0, 2, 1, 3, 4).reshape(b, t, hq, d)
     return out.astype(q.dtype), layer

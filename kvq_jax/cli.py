@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--calib", required=True, help="calibration text file")
     a.add_argument("--windows", type=_positive_int, default=8)
     a.add_argument("--context", type=_positive_int, default=512)
+    a.add_argument("--batch", type=_positive_int, default=2,
+                   help="calibration windows per forward/backward pass (memory grows with batch x context)")
     a.add_argument("--budget", type=_finite_float, default=3.0, help="average data bits per K/V element")
     a.add_argument("--bits", default="1,1.58,2,3,4,6,8", help="allowed widths, comma separated")
     a.add_argument("--method", default="fisher", choices=("fisher", "sensitivity", "norm", "weight-norm"),
@@ -448,6 +450,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         stats = analyze(model, windows, bits=bits, key_axis=args.key_axis, value_axis=args.value_axis,
                         group_k=args.group_k, group_v=args.group_v, progress=not args.no_progress,
                         meta={"calib_file": str(args.calib)}, residual=args.residual, sink=args.sink,
+                        batch=args.batch,
                         # Saved statistics serve any later plan: they get every rotation's errors.
                         rotations=None if args.rotate == "auto" or stats_path is not None
                         else tuple(set(split_rotation(args.rotate)) - {"none"}))

@@ -19,14 +19,15 @@ import pytest
 
 from kvq_jax import quant
 from kvq_jax.allocate import allocate, allocate_detailed
-from kvq_jax.analysis import _attend, analyze, capture
+from kvq_jax.analysis import analyze, capture
+from kvq_jax.fisher import mixed_attention
 from kvq_jax.cache import init_cache
 from kvq_jax.errors import KvqError
 from kvq_jax.plan import KVPlan, parse_kv
 from kvq_jax.report import MARKER, write_report
 from kvq_jax.stats import KVStats
 
-W, T = 3, 32  # 3 windows with batch=2: the last batch is partial
+W, T = 3, 96  # 3 windows with batch=2: the last batch is partial; 96 tokens: two query blocks, one padded
 BITS = (1, 1.58, 2, 3, 4, 6, 8)
 GROUP = 16  # channel-axis groups: valid in a plan whatever the tiny model's head_dim
 KW = dict(key_axis="channel", value_axis="channel", group_k=GROUP, group_v=GROUP)
@@ -146,7 +147,8 @@ def test_capture_is_the_models_forward(tiny_model, windows, ref):
         for name in ("q", "k_pre", "k", "v"):
             np.testing.assert_allclose(np.asarray(getattr(tap, name)), ref[i][name], rtol=1e-4, atol=1e-4,
                                        err_msg=f"layer {i} {name}")
-        np.testing.assert_allclose(np.asarray(_attend(tap.q, tap.k, tap.v)), np.asarray(tap.out), atol=1e-5)
+        got = mixed_attention(tap.q, tap.k, tap.v, tap.k, tap.v, None)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(tap.out), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ norms

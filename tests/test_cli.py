@@ -139,6 +139,8 @@ def _bad_cases(f: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
         "bench text too short": (["bench", "--model", m, "--text", s, "--context", "8"], "the benchmark needs 8"),
         "bad bits": (["analyze", "--model", m, "--calib", t, "--out", str(f["dir"] / "x.json"), "--bits", "a,b"],
                      "bad --bits"),
+        "bad analyze batch": (["analyze", "--model", m, "--calib", t, "--out", str(f["dir"] / "x.json"), "--batch", "0"],
+                              "--batch"),
         "no command": ([], "required"),
         "unknown command": (["frobnicate"], "invalid choice"),
         "missing required option": (["eval", "--model", m], "--text"),
@@ -363,7 +365,7 @@ def test_bench_json(capsys, files):
 def test_analyze_writes_a_plan_that_eval_accepts(capsys, files, tmp_path):
     plan_path, stats_path, report = tmp_path / "plan.json", tmp_path / "stats.npz", tmp_path / "report"
     analyze = ["analyze", "--model", files["model"], "--calib", files["text"], "--context", "64", "--windows", "2",
-               "--bits", "2,4,8", "--budget", "3", "--out", plan_path, "--stats", stats_path, "--no-progress",
+               "--batch", "1", "--bits", "2,4,8", "--budget", "3", "--out", plan_path, "--stats", stats_path, "--no-progress",
                "--group-k", "32", "--group-v", "32", "--residual", "32", "--sink", "2"]
     rc, out, err = cli(capsys, *analyze, "--report", report)
     assert rc == 0, err

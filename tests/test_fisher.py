@@ -10,7 +10,7 @@ from flax import nnx
 
 from kvq_jax import fisher, quant
 from kvq_jax.allocate import allocate_detailed
-from kvq_jax.analysis import _attend, analyze
+from kvq_jax.analysis import analyze
 from kvq_jax.cache import init_cache, quantized_count
 from kvq_jax.config import tiny_config
 from kvq_jax.errors import KvqError
@@ -37,6 +37,13 @@ def stats(model, windows):
                    residual=32, sink=2, progress=False)
 
 
+def protocol_mask(t: int, sink: int, residual: int, block: int) -> np.ndarray:
+    """`[T, T]` bool: key s is quantized for query t."""
+    lo, hi = fisher.protocol_span(t, sink, residual, block)
+    s = np.arange(t)[None, :]
+    return (s >= lo[:, None]) & (s < hi[:, None])
+
+
 @pytest.mark.parametrize("sink,residual,block", [(4, 128, 64), (0, 32, 32), (3, 64, 16)])
 def test_protocol_matches_the_cache_flush_rule(sink, residual, block):
     plan = KVPlan.uniform(1, 4, 2, group_k=block, residual=residual, sink=sink)
@@ -45,7 +52,7 @@ def test_protocol_matches_the_cache_flush_rule(sink, residual, block):
     # The query at position p reads the cache as it holds p positions (read before its own write).
     want = np.asarray(quantized_count(layer, jnp.arange(t)))
     np.testing.assert_array_equal(fisher.quantized_prefix(t, sink, residual, block), want)
-    mask = fisher.protocol_mask(t, sink, residual, block)
+    mask = protocol_mask(t, sink, residual, block)
     assert not mask[:, :sink].any() and not np.triu(mask).any()  # sink and the causal future: never
     np.testing.assert_array_equal(mask.sum(1), want)
 
@@ -60,13 +67,52 @@ def test_qdq_body_keeps_the_sink_and_quantizes_blocks():
     np.testing.assert_allclose(out[:, 6:], want, atol=1e-6)
 
 
+def dense_mixed(q, k, v, kh, vh, mask, scale, window=0) -> np.ndarray:
+    """The mixed attention as one `[T, T]` formula in numpy (query t reads kh/vh where mask[t])."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+    visible = (j <= i) & ((i - j < window) if window else True)
+    qh = np.asarray(q).reshape(b, t, hkv, hq // hkv, d) * scale
+    s = np.where(mask, np.einsum("bqhrd,bkhd->bhrqk", qh, kh), np.einsum("bqhrd,bkhd->bhrqk", qh, k))
+    s = np.where(visible, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return (np.einsum("bhrqk,bkhd->bqhrd", np.where(mask, p, 0), vh)
+            + np.einsum("bhrqk,bkhd->bqhrd", np.where(mask, 0, p), v)).reshape(b, t, hq, d)
+
+
 def test_mixed_attention_limits():
     rng = np.random.default_rng(2)
     q = jnp.asarray(rng.standard_normal((2, 40, 4, 32)), jnp.float32)
     k, v, kh, vh = (jnp.asarray(rng.standard_normal((2, 40, 2, 32)), jnp.float32) for _ in range(4))
-    none, every = jnp.zeros((40, 40), bool), jnp.ones((40, 40), bool)
-    np.testing.assert_allclose(fisher.mixed_attention(q, k, v, kh, vh, none), _attend(q, k, v), atol=1e-5)
-    np.testing.assert_allclose(fisher.mixed_attention(q, k, v, kh, vh, every), _attend(q, kh, vh), atol=1e-5)
+    for span, mask in ((None, np.zeros((40, 40), bool)), ((np.zeros(40), np.full(40, 40)), np.ones((40, 40), bool))):
+        want = dense_mixed(q, k, v, kh, vh, mask, 32 ** -0.5)
+        np.testing.assert_allclose(fisher.mixed_attention(q, k, v, kh, vh, span), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 40, 400])
+def test_mixed_attention_in_query_blocks_is_the_dense_formula(window):
+    # 300 queries: 5 blocks of 64, the last one padded; a global layer's blocks go in 4 bands that
+    # see the keys up to their band's end; a window layer's blocks see a slice of the keys; a window
+    # longer than the text is a global layer
+    rng = np.random.default_rng(5)
+    t, scale = 300, 0.3
+    q = jnp.asarray(rng.standard_normal((1, t, 4, 16)), jnp.float32)
+    k, v, kh, vh = (jnp.asarray(rng.standard_normal((1, t, 2, 16)), jnp.float32) for _ in range(4))
+    span = fisher.protocol_span(t, 0 if window else 4, 32, 16)
+    mask = protocol_mask(t, 0 if window else 4, 32, 16)
+    want = dense_mixed(q, k, v, kh, vh, mask, scale, window)
+    got = fisher.mixed_attention(q, k, v, kh, vh, span, scale, window)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+    # keys alone, values alone, neither (each its own shortcut): the same formula with the others exact
+    variants = [(kh, None), (None, vh), (None, None), (kh, vh)]
+    outs = fisher.attention_variants(q, k, v, variants, span, scale, window, lambda a, fp, o: (fp, o))
+    merge = lambda x: np.asarray(x).swapaxes(0, 1).reshape(1, -1, *q.shape[2:])[:, :t]  # [nb, 1, bq, ...] -> [1, T, ...]
+    np.testing.assert_allclose(merge(outs[0]), dense_mixed(q, k, v, k, v, mask, scale, window), atol=2e-5)
+    for n, (a, b) in enumerate(variants):
+        ref = dense_mixed(q, k, v, k if a is None else a, v if b is None else b, mask, scale, window)
+        np.testing.assert_allclose(merge(outs[1][:, n]), ref, atol=2e-5, err_msg=str(n))
 
 
 def test_fisher_pass_is_the_model_and_its_gradient(model, windows):
@@ -83,6 +129,21 @@ def test_fisher_pass_is_the_model_and_its_gradient(model, windows):
     u = jnp.asarray(np.random.default_rng(4).standard_normal(grads.shape), jnp.float32)
     eps = 1e-2
     f = lambda p: float(fisher.nll(gd, state, toks, tuple(p))[0])
+    fd = (f(eps * u) - f(-eps * u)) / (2 * eps)
+    assert fd == pytest.approx(float(jnp.sum(grads * u)), rel=2e-2)
+
+
+def test_fisher_pass_gradient_over_several_query_blocks():
+    # 300 tokens: the attention goes in rematerialised blocks of 256 queries; a window layer too
+    cfg = tiny_config("gemma3", n_layers=2, head_dim=16, dim=32, hidden_dim=64, sliding_window=40, local_layers=(0,),
+                      max_seq_len=512)
+    gd, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(7)))
+    toks = jnp.asarray(np.random.default_rng(8).integers(0, cfg.vocab_size, (1, 300)), jnp.int32)
+    value, grads, _ = fisher.fisher_pass(gd, state, toks)
+    u = jnp.asarray(np.random.default_rng(9).standard_normal(grads.shape), jnp.float32)
+    eps = 1e-2
+    f = lambda p: float(fisher.nll(gd, state, toks, tuple(p))[0])
+    assert f(0 * u) == pytest.approx(float(value), rel=1e-6)
     fd = (f(eps * u) - f(-eps * u)) / (2 * eps)
     assert fd == pytest.approx(float(jnp.sum(grads * u)), rel=2e-2)
 
@@ -182,9 +243,8 @@ def test_prerope_errors_are_those_of_keys_quantized_before_rope(stats):
     # the same as quantizing k_pre directly, then rotating
     q_pre = fisher.qdq_body(jnp.asarray(k_pre, jnp.float32), 2.0, "channel", 32, 0, 32, jnp.float32)
     k_hat = apply_rope(q_pre, pos, rope)
-    mask = jnp.asarray(fisher.protocol_mask(t, 0, 32, 32))
-    ref = fisher.mixed_attention(q, k, v, k, v, jnp.zeros_like(mask))
-    want = 0.5 * jnp.sum((fisher.mixed_attention(q, k, v, k_hat, v, mask) - ref) ** 2)
+    ref = fisher.mixed_attention(q, k, v, k, v, None)
+    want = 0.5 * jnp.sum((fisher.mixed_attention(q, k, v, k_hat, v, fisher.protocol_span(t, 0, 32, 32)) - ref) ** 2)
     np.testing.assert_allclose(float(ke_pre[0]), float(want), rtol=1e-3)
 
 

@@ -197,15 +197,18 @@ def test_analysis_observes_the_gemma_forward(gemma):
     layers) its attention, with the layer's scale and window, is the model's attention output; the
     stats and a Fisher plan come out finite and valid."""
     from kvq_jax.allocate import allocate_detailed
-    from kvq_jax.analysis import _attend, analyze, capture
+    from kvq_jax.analysis import analyze, capture
+    from kvq_jax.fisher import mixed_attention
+
+    attend = lambda tap, window=0: mixed_attention(tap.q, tap.k, tap.v, tap.k, tap.v, None, CFG.scale, window)
 
     toks = np.asarray(jax.random.randint(jax.random.key(7), (2, 64), 0, CFG.vocab_size), np.int32)
     gd, st = nnx.split(gemma)
     for i, tap in enumerate(capture(gd, st, jnp.asarray(toks))):
-        got = _attend(tap.q, tap.k, tap.v, CFG.scale, CFG.window(i))
+        got = attend(tap, CFG.window(i))
         np.testing.assert_allclose(np.asarray(got), np.asarray(tap.out), atol=1e-5, err_msg=f"layer {i}")
         if CFG.window(i):  # the window matters: full causal attention differs
-            assert np.abs(np.asarray(_attend(tap.q, tap.k, tap.v, CFG.scale)) - np.asarray(tap.out)).max() > 1e-3
+            assert np.abs(np.asarray(attend(tap)) - np.asarray(tap.out)).max() > 1e-3
     stats = analyze(gemma, toks, bits=(2, 4, 8), group_k=32, group_v=32, residual=32, sink=4, progress=False)
     for e in (stats.k_fisher_err, stats.v_fisher_err, stats.k_attn_err, stats.v_attn_err):
         assert np.isfinite(e).all() and (e >= 0).all()
