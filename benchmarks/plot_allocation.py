@@ -57,15 +57,19 @@ def main() -> None:
     ap.add_argument("--title", default=None)
     ap.add_argument("--model", default="gemma3-270m", help="the model of the results (its layer windows)")
     ap.add_argument("--metric", default="decoded", choices=("decoded", "all", "kl"))
+    ap.add_argument("--suffixes", nargs="+", default=None,
+                    help="one per jsonl file, appended to its series' names (e.g. '' ', calibrated at 8192')")
     args = ap.parse_args()
+    if args.suffixes is not None and len(args.suffixes) != len(args.jsonl):
+        ap.error(f"--suffixes needs one entry per jsonl file ({len(args.jsonl)}), got {len(args.suffixes)}")
     cfg = ModelConfig.from_gguf_metadata(read_metadata(resolve_model(args.model)), has_output_weight=False)
-    rows = []
-    for path in args.jsonl:
+    rows, groups = [], defaultdict(list)
+    for path, suffix in zip(args.jsonl, args.suffixes or [""] * len(args.jsonl)):
         with open(path) as f:
-            rows += [json.loads(line) for line in f if line.strip()]
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[series_name(r)].append(r)
+            file_rows = [json.loads(line) for line in f if line.strip()]
+        rows += file_rows
+        for r in file_rows:
+            groups[series_name(r) + suffix].append(r)
     fig = figure(6.0, 4.0)
     ax = fig.subplots()
     for name, rs in sorted(groups.items()):
@@ -90,4 +94,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from entry import run
+
+    run(main)

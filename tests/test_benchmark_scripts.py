@@ -1,0 +1,26 @@
+"""The benchmark scripts' bad input: one line on stderr and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.parametrize("script, args, match", [
+    ("allocation.py", ["--text", "{missing}"], "No such file or directory"),
+    ("allocation.py", ["--model", "no-such-model", "--text", "{text}"], "model not found: no-such-model"),
+    ("needle.py", ["--model", "no-such-model"], "model not found: no-such-model"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path: Path, script: str, args: list[str], match: str) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("some words " * 20)
+    argv = [a.format(missing=tmp_path / "missing.txt", text=text) for a in args]
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *argv], capture_output=True,
+                       text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and match in r.stderr and r.stderr.startswith(f"{script}: error:"), r.stderr
