@@ -167,15 +167,23 @@ def elements_held(cfg: ModelConfig, rows: int, tokens: int) -> int:
 
 
 def bits_report(cfg: ModelConfig, kv: KVPlan | DenseKV, nbytes: int, rows: int, tokens: int) -> dict[str, float]:
-    """`data_bits`: the plan's mean nominal width (32/16 for a dense fp32/bf16 cache); `stored_bits`:
-    the cache's real bytes (codes, scales, zeros, sink, window, padding; and a plan's codebooks) per
-    element it holds; `effective_bits`: the same bytes per element of a cache where every layer held
-    every position."""
-    data = (32.0 if kv.dtype == "float32" else 16.0) if isinstance(kv, DenseKV) else kv.mean_data_bits()
-    if isinstance(kv, KVPlan):
+    """`data_bits`: the plan's mean nominal width over its K and V tensors (32/16 for a dense fp32/bf16
+    cache: the element budget); `data_bits_held`: the same widths averaged over the elements the cache
+    holds at `tokens` (a sliding-window layer holds its window only: what a memory budget,
+    `--target-context`, spends; equal to `data_bits` when every layer holds every position);
+    `stored_bits`: the cache's real bytes (codes, scales, zeros, sink, window, padding; and a plan's
+    codebooks) per element it holds; `effective_bits`: the same bytes per element of a cache where
+    every layer held every position."""
+    from kvq_jax.allocate import layer_tokens_at
+
+    if isinstance(kv, DenseKV):
+        data = held_data = 32.0 if kv.dtype == "float32" else 16.0
+    else:
+        data, held = kv.mean_data_bits(), layer_tokens_at(cfg, tokens)
+        held_data = sum(float(k.bits + v.bits) * n for k, v, n in zip(kv.keys, kv.values, held)) / (2 * sum(held))
         nbytes += kv.codebook_bytes()
     full = 2 * cfg.n_layers * rows * cfg.n_kv_heads * cfg.head_dim * tokens
-    return {"data_bits": data, "stored_bits": nbytes * 8 / elements_held(cfg, rows, tokens),
+    return {"data_bits": data, "data_bits_held": held_data, "stored_bits": nbytes * 8 / elements_held(cfg, rows, tokens),
             "effective_bits": nbytes * 8 / full}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -233,4 +234,10 @@ def test_stored_bits_count_what_local_layers_hold():
     plan = parse_kv("K4V2", 3, residual=64)
     q = init_cache(cfg, plan, 2, 1000)
     r = bits_report(cfg, plan, q.nbytes(), 2, 1000)
-    assert r["data_bits"] == 3.0 and r["effective_bits"] < r["stored_bits"] < 32.0
+    assert r["data_bits"] == r["data_bits_held"] == 3.0 and r["effective_bits"] < r["stored_bits"] < 32.0
+    # Widths that differ by layer: the held average weighs the global layer by its 1000 tokens.
+    k8, k2 = (dataclasses.replace(plan.keys[0], bits=b) for b in (8, 2))
+    mixed = plan.replace(keys=(k8, k8, k2))
+    r = bits_report(cfg, mixed, init_cache(cfg, mixed, 2, 1000).nbytes(), 2, 1000)
+    assert r["data_bits"] == pytest.approx((8 + 8 + 2 + 3 * 2) / 6)
+    assert r["data_bits_held"] == pytest.approx(((8 + 2) * 64 * 2 + (2 + 2) * 1000) / (2 * (64 + 64 + 1000)))
