@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(b)
 
     a = sub.add_parser("analyze", help="K/V norm analysis and budgeted bit allocation → plan JSON")
-    a.add_argument("--calib", required=True, help="calibration text file")
+    a.add_argument("--calib", help="calibration text file (not needed when --stats names existing statistics)")
     a.add_argument("--windows", type=_positive_int, default=8)
     a.add_argument("--context", type=_positive_int, default=512)
     a.add_argument("--batch", type=_positive_int, default=2,
@@ -446,6 +446,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         from kvq_jax.analysis import analyze
         from kvq_jax.evaluate import text_windows
 
+        if args.calib is None:
+            raise KvqError("analyze needs --calib (a calibration text), or --stats naming existing statistics"
+                           + (f" ({stats_path} does not exist)" if stats_path is not None else ""))
         windows = text_windows(tok, _read_text(args.calib), args.context, args.windows)
         stats = analyze(model, windows, bits=bits, key_axis=args.key_axis, value_axis=args.value_axis,
                         group_k=args.group_k, group_v=args.group_v, progress=not args.no_progress,

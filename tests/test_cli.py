@@ -139,6 +139,8 @@ def _bad_cases(f: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
         "bench text too short": (["bench", "--model", m, "--text", s, "--context", "8"], "the benchmark needs 8"),
         "bad bits": (["analyze", "--model", m, "--calib", t, "--out", str(f["dir"] / "x.json"), "--bits", "a,b"],
                      "bad --bits"),
+        "analyze without calibration": (["analyze", "--model", m, "--out", str(f["dir"] / "x.json")],
+                                        "analyze needs --calib"),
         "bad analyze batch": (["analyze", "--model", m, "--calib", t, "--out", str(f["dir"] / "x.json"), "--batch", "0"],
                               "--batch"),
         "no command": ([], "required"),
@@ -392,8 +394,11 @@ def test_analyze_writes_a_plan_that_eval_accepts(capsys, files, tmp_path):
     assert rc == 0, err
     assert _json(out)["method"] == "norm"
     assert "method=norm" in json.loads(plan_path.read_text())["note"]
-    # a memory budget at a target context (the tiny llama's layers are all global: the same plan)
-    rc, out, err = cli(capsys, *analyze, "--force", "--method", "norm", "--budget", "4", "--target-context", "4096")
+    # a memory budget at a target context (the tiny llama's layers are all global: the same plan);
+    # the statistics exist, so no calibration text is needed
+    i = analyze.index("--calib")
+    no_calib = analyze[:i] + analyze[i + 2:]
+    rc, out, err = cli(capsys, *no_calib, "--force", "--method", "norm", "--budget", "4", "--target-context", "4096")
     assert rc == 0, err
     mem = _json(out)
     assert mem["target_context"] == 4096 and mem["element_bits"] <= 4 and mem["spent"] <= 4
