@@ -436,8 +436,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise KvqError(f"{out} exists; pass --force to replace it")
     bits = _parse_bits(args.bits)
-    model, tok = _load(args)
     stats_path = Path(args.stats) if args.stats else None
+    if args.calib is None and (stats_path is None or not stats_path.exists()):
+        raise KvqError("analyze needs --calib (a calibration text), or --stats naming existing statistics"
+                       + (f" ({stats_path} does not exist)" if stats_path is not None else ""))
+    model, tok = _load(args)
     if stats_path is not None and stats_path.exists():
         stats = KVStats.load(stats_path)
         if stats.model_name != model.cfg.name or stats.n_layers != model.cfg.n_layers:
@@ -446,9 +449,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         from kvq_jax.analysis import analyze
         from kvq_jax.evaluate import text_windows
 
-        if args.calib is None:
-            raise KvqError("analyze needs --calib (a calibration text), or --stats naming existing statistics"
-                           + (f" ({stats_path} does not exist)" if stats_path is not None else ""))
         windows = text_windows(tok, _read_text(args.calib), args.context, args.windows)
         stats = analyze(model, windows, bits=bits, key_axis=args.key_axis, value_axis=args.value_axis,
                         group_k=args.group_k, group_v=args.group_v, progress=not args.no_progress,
