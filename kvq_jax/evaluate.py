@@ -183,8 +183,8 @@ def bits_report(cfg: ModelConfig, kv: KVPlan | DenseKV, nbytes: int, rows: int, 
         held_data = sum(float(k.bits + v.bits) * n for k, v, n in zip(kv.keys, kv.values, held)) / (2 * sum(held))
         nbytes += kv.codebook_bytes()
     full = 2 * cfg.n_layers * rows * cfg.n_kv_heads * cfg.head_dim * tokens
-    return {"data_bits": data, "data_bits_held": held_data, "stored_bits": nbytes * 8 / elements_held(cfg, rows, tokens),
-            "effective_bits": nbytes * 8 / full}
+    return {"data_bits": data, "data_bits_held": held_data,
+            "stored_bits": nbytes * 8 / elements_held(cfg, rows, tokens), "effective_bits": nbytes * 8 / full}
 
 
 def bf16_bytes(model: Transformer, batch: int, tokens: int) -> int:
