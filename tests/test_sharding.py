@@ -21,7 +21,7 @@ from kvq_jax.sharding import ShardingRules, initialize, make_mesh, param_axes, p
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE / "multidevice"))
-from xla_flags import xla_flags_for  # noqa: E402
+from xla_flags import set_test_env  # noqa: E402
 
 sys.path.pop(0)
 
@@ -68,8 +68,8 @@ def test_cli_bad_mesh_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path
 
 
 def _env(devices: int = 8) -> dict[str, str]:
-    env = dict(os.environ, KVQ_MULTIDEVICE="1", JAX_PLATFORMS="cpu",
-               XLA_FLAGS=xla_flags_for("", devices))
+    env = dict(os.environ, KVQ_MULTIDEVICE="1", JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    set_test_env(env, devices)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     # Not a worker of this xdist run: inherited, these would make the 8-device session's tests wait
     # for the machine lock that the test which started it holds (tests/conftest.py).

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 
-from xla_flags import xla_flags_for
+from xla_flags import set_test_env
 
-os.environ["XLA_FLAGS"] = xla_flags_for(os.environ.get("XLA_FLAGS", ""), 8)
+set_test_env(os.environ, 8)
 
 import jax  # noqa: E402
 

@@ -8,9 +8,9 @@ import json
 import os
 import sys
 
-from xla_flags import xla_flags_for  # noqa: E402  (this script's folder is on sys.path)
+from xla_flags import set_test_env  # noqa: E402  (this script's folder is on sys.path)
 
-os.environ["XLA_FLAGS"] = xla_flags_for(os.environ.get("XLA_FLAGS", ""), 4)  # the test passes 4 too
+set_test_env(os.environ, 4)  # the test passes 4 too
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 from kvq_jax.sharding import initialize, is_leader, make_mesh  # noqa: E402
