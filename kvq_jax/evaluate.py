@@ -179,8 +179,7 @@ def bits_report(cfg: ModelConfig, kv: KVPlan | DenseKV, nbytes: int, rows: int, 
     if isinstance(kv, DenseKV):
         data = held_data = 32.0 if kv.dtype == "float32" else 16.0
     else:
-        data, held = kv.mean_data_bits(), layer_tokens_at(cfg, tokens)
-        held_data = sum(float(k.bits + v.bits) * n for k, v, n in zip(kv.keys, kv.values, held)) / (2 * sum(held))
+        data, held_data = kv.mean_data_bits(), kv.mean_data_bits(layer_tokens_at(cfg, tokens))
         nbytes += kv.codebook_bytes()
     full = 2 * cfg.n_layers * rows * cfg.n_kv_heads * cfg.head_dim * tokens
     return {"data_bits": data, "data_bits_held": held_data,

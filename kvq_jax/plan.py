@@ -14,7 +14,7 @@ import math
 import numbers
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -353,10 +353,11 @@ class KVPlan:
 
     # -- summaries -------------------------------------------------------------------------------
 
-    def mean_data_bits(self) -> float:
-        """Mean nominal bits over all K and V specs (16 for dense)."""
-        specs = self.keys + self.values
-        return sum(float(s.bits) for s in specs) / len(specs)
+    def mean_data_bits(self, layer_tokens: Sequence[int] | None = None) -> float:
+        """Mean nominal bits over all K and V specs (16 for dense); with `layer_tokens [L]` (the tokens
+        each layer holds, `allocate.layer_tokens_at`), over the elements the cache holds."""
+        w = [1] * self.n_layers if layer_tokens is None else list(layer_tokens)
+        return sum(float(k.bits + v.bits) * n for k, v, n in zip(self.keys, self.values, w)) / (2 * sum(w))
 
     def mean_storage_bits(self) -> float:
         """Mean stored bits per value over all K and V specs: packed codes + scale/zero overhead."""
