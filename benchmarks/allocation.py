@@ -51,6 +51,8 @@ def main() -> None:
                     help="score each uniform KbVb plan under each of these rotations")
     ap.add_argument("--uniform", nargs="+", default=None,
                     help="the uniform plans to score (default: those of each budget, K3V3 and K4V2 at 3)")
+    ap.add_argument("--group-k", type=int, default=64, help="key group (tokens per per-channel scale)")
+    ap.add_argument("--group-v", type=int, default=64, help="value group (channels per per-token scale)")
     ap.add_argument("--target-context", type=int, default=None,
                     help="also run each rule under a memory budget: bits per element the cache holds at this context")
     args = ap.parse_args()
@@ -65,7 +67,7 @@ def main() -> None:
         stats = KVStats.load(stats_path)
     else:
         stats = analyze(model, text_windows(tok, calib, args.calib_context or args.context, args.calib_windows),
-                        progress=True, batch=args.calib_batch,
+                        progress=True, batch=args.calib_batch, group_k=args.group_k, group_v=args.group_v,
                         meta={"calib_file": os.path.basename(args.text) + " (first half)"})
         stats.save(stats_path)
     runs = []  # (label, method, budget, plan, data bits spent)
@@ -73,7 +75,8 @@ def main() -> None:
         for method in args.methods:
             if method == "uniform":
                 runs += [(spec + ("" if rot == "none" else f" {rot}"), method, budget,
-                          parse_kv(spec, model.cfg.n_layers, rotate=rot), budget)
+                          parse_kv(spec, model.cfg.n_layers, rotate=rot, group_k=args.group_k,
+                                   group_v=args.group_v), budget)
                          for spec in UNIFORM.get(budget, ()) if args.uniform is None or spec in args.uniform
                          for rot in args.uniform_rotations]
                 continue

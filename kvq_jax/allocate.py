@@ -95,14 +95,14 @@ def allocate(
     bits: tuple[float, ...] | None = None,
     norm: str = "fro",
     count_overhead: bool = False,
-    key_axis: str = "channel",
-    value_axis: str = "token",
-    group_k: int = 64,
-    group_v: int = 64,
-    residual: int = 128,
-    sink: int = 4,
+    key_axis: str | None = None,
+    value_axis: str | None = None,
+    group_k: int | None = None,
+    group_v: int | None = None,
+    residual: int | None = None,
+    sink: int | None = None,
     rotate: str | tuple[str, ...] = "none",
-    scale_dtype: str = "bfloat16",
+    scale_dtype: str | None = None,
     per_head: bool = False,
     model_name: str | None = None,
 ) -> KVPlan:
@@ -122,14 +122,14 @@ def allocate_detailed(
     bits: tuple[float, ...] | None = None,
     norm: str = "fro",
     count_overhead: bool = False,
-    key_axis: str = "channel",
-    value_axis: str = "token",
-    group_k: int = 64,
-    group_v: int = 64,
-    residual: int = 128,
-    sink: int = 4,
+    key_axis: str | None = None,
+    value_axis: str | None = None,
+    group_k: int | None = None,
+    group_v: int | None = None,
+    residual: int | None = None,
+    sink: int | None = None,
     rotate: str | tuple[str, ...] = "none",
-    scale_dtype: str = "bfloat16",
+    scale_dtype: str | None = None,
     per_head: bool = False,
     model_name: str | None = None,
     layer_tokens: Sequence[int] | None = None,
@@ -150,6 +150,10 @@ def allocate_detailed(
     """
     if method not in METHODS:
         raise KvqError(f"unknown allocation method {method!r} (choose from {', '.join(METHODS)})")
+    geo = cache_geometry(stats, method, key_axis=key_axis, value_axis=value_axis, group_k=group_k,
+                         group_v=group_v, scale_dtype=scale_dtype, sink=sink, residual=residual)
+    key_axis, value_axis, group_k, group_v = geo["key_axis"], geo["value_axis"], geo["group_k"], geo["group_v"]
+    scale_dtype, sink, residual = geo["scale_dtype"], geo["sink"], geo["residual"]
     if isinstance(rotate, str) and rotate == "auto":
         return _auto_rotation(stats, budget, dict(
             method=method, bits=bits, norm=norm, count_overhead=count_overhead, key_axis=key_axis,
@@ -447,6 +451,33 @@ def _distortions(stats: KVStats, method: str, norm: str, widths: tuple[float, ..
         kc, vc = kc.sum(axis=1), vc.sum(axis=1)  # distortion adds up over heads
     g = 2.0 ** (-2.0 * w)
     return kc[..., None] * g, vc[..., None] * g, kc, vc
+
+
+_GEOMETRY = {"key_axis": "channel", "value_axis": "token", "group_k": 64, "group_v": 64,
+             "scale_dtype": "bfloat16", "sink": 4, "residual": 128}
+# What the measured errors depend on: the quantizer's geometry, and for the Fisher errors the
+# cache protocol too (which tokens stay full precision).
+_MEASURED_UNDER = {"sensitivity": ("key_axis", "value_axis", "group_k", "group_v", "scale_dtype"),
+                   "fisher": tuple(_GEOMETRY)}
+
+
+def cache_geometry(stats: KVStats, method: str, **given: object) -> dict:
+    """The plan's cache geometry: each field as given, else as the statistics were measured (their
+    `meta`), else the cache's default. A rule that reads measured errors refuses a field that differs
+    from the one they were measured under: those errors would describe another cache."""
+    meta = stats.meta or {}
+    out = {}
+    for name, default in _GEOMETRY.items():
+        value = given.get(name)
+        measured = meta.get(name)
+        if value is None:
+            value = default if measured is None else measured
+        elif measured is not None and name in _MEASURED_UNDER.get(method, ()) and value != measured:
+            flag = "--" + name.replace("_", "-")
+            raise KvqError(f"the statistics were measured with {name} {measured!r}, not {value!r}: the {method} "
+                           f"rule's errors hold only for that cache (drop {flag}, or re-run the analysis with it)")
+        out[name] = value
+    return out
 
 
 def _widths(stats: KVStats, bits: tuple[float, ...] | None, method: str) -> tuple[float, ...]:

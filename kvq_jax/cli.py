@@ -183,12 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--force", action="store_true", help="replace an existing --out file")
     a.add_argument("--no-progress", action="store_true")
     _common(a, kv=False)
-    a.add_argument("--key-axis", default="channel", choices=("token", "channel"))
-    a.add_argument("--value-axis", default="token", choices=("token", "channel"))
-    a.add_argument("--group-k", type=_positive_int, default=64)
-    a.add_argument("--group-v", type=_positive_int, default=64)
-    a.add_argument("--residual", type=_nonneg_int, default=128, help="the plan's full-precision window")
-    a.add_argument("--sink", type=_nonneg_int, default=4, help="the plan's full-precision first tokens")
+    # The cache geometry: defaults are the cache's (channel, token, 64, 64, 128, 4); with --stats, the
+    # geometry the statistics were measured under.
+    a.add_argument("--key-axis", choices=("token", "channel"))
+    a.add_argument("--value-axis", choices=("token", "channel"))
+    a.add_argument("--group-k", type=_positive_int, help="tokens per key scale (per-channel keys); default 64")
+    a.add_argument("--group-v", type=_positive_int, help="channels per value scale (per-token values); default 64")
+    a.add_argument("--residual", type=_nonneg_int, help="the plan's full-precision window; default 128")
+    a.add_argument("--sink", type=_nonneg_int, help="the plan's full-precision first tokens; default 4")
     a.add_argument("--rotate", default="none", type=lambda t: t if t == "auto" else _rotation(t),
                    help="the plan's rotation (see eval --help); auto: keys' and values' rotations per layer, "
                         "chosen with the widths (--method fisher), and whether prerope keys and Hadamard "
@@ -450,10 +452,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         from kvq_jax.evaluate import text_windows
 
         windows = text_windows(tok, _read_text(args.calib), args.context, args.windows)
-        stats = analyze(model, windows, bits=bits, key_axis=args.key_axis, value_axis=args.value_axis,
-                        group_k=args.group_k, group_v=args.group_v, progress=not args.no_progress,
-                        meta={"calib_file": str(args.calib)}, residual=args.residual, sink=args.sink,
-                        batch=args.batch,
+        geometry = {k: v for k, v in (("key_axis", args.key_axis), ("value_axis", args.value_axis),
+                                      ("group_k", args.group_k), ("group_v", args.group_v),
+                                      ("residual", args.residual), ("sink", args.sink)) if v is not None}
+        stats = analyze(model, windows, bits=bits, progress=not args.no_progress,
+                        meta={"calib_file": str(args.calib)}, batch=args.batch, **geometry,
                         # Saved statistics serve any later plan: they get every rotation's errors.
                         rotations=None if args.rotate == "auto" or stats_path is not None
                         else tuple(set(split_rotation(args.rotate)) - {"none"}))

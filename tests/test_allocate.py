@@ -108,6 +108,27 @@ def test_infeasible_budget_and_bad_options_rejected():
         allocate(STATS, 4.0, group_k=48)
 
 
+def test_geometry_comes_from_the_statistics_and_measured_rules_refuse_another():
+    """Errors measured with 32-token key groups describe that cache: a plan drawn from them takes
+    those groups by default, and the measured-error rules refuse a geometry they were not measured
+    under (a silent mismatch would allocate by another cache's errors); the norm rule may choose."""
+    meta = {**STATS.meta, "group_k": 32, "sink": 4, "residual": 128, "scale_dtype": "bfloat16"}
+    s = dataclasses.replace(STATS, meta=meta)
+    for method in ("fisher", "sensitivity", "norm"):
+        plan = allocate(s, 3.0, method=method)
+        assert {k.group for k in plan.keys} == {32} and {v.group for v in plan.values} == {64}
+        assert (plan.sink, plan.residual) == (4, 128)
+    assert allocate(s, 3.0, method="fisher", group_k=32).keys == allocate(s, 3.0, method="fisher").keys
+    for method in ("fisher", "sensitivity"):
+        with pytest.raises(KvqError, match="measured with group_k 32, not 64"):
+            allocate(s, 3.0, method=method, group_k=64)
+    with pytest.raises(KvqError, match="residual 128, not 256"):
+        allocate(s, 3.0, method="fisher", residual=256)
+    # the attention-output errors do not depend on which tokens the cache keeps exact
+    assert allocate(s, 3.0, method="sensitivity", residual=256).residual == 256
+    assert {k.group for k in allocate(s, 3.0, method="norm", group_k=128).keys} == {128}
+
+
 def test_unmeasured_widths_allowed_for_norm_rule_and_16_bits_for_sensitivity():
     plan = allocate(STATS, 5.0, method="norm", bits=(2, 5))
     assert {s.bits for s in plan.keys + plan.values} <= {2, 5}

@@ -403,6 +403,18 @@ def test_analyze_writes_a_plan_that_eval_accepts(capsys, files, tmp_path):
     mem = _json(out)
     assert mem["target_context"] == 4096 and mem["element_bits"] <= 4 and mem["spent"] <= 4
     assert "memory budget" in json.loads(plan_path.read_text())["note"]
+    # saved statistics carry their cache geometry: without the flags the plan takes it, and a flag
+    # that contradicts it (the Fisher errors were measured with 32-token key groups) is refused
+    geometry = no_calib.index("--group-k")
+    bare = no_calib[:geometry] + no_calib[geometry + 8:]
+    assert not {"--group-k", "--group-v", "--residual", "--sink"} & set(bare)
+    rc, out, err = cli(capsys, *bare, "--force")
+    assert rc == 0, err
+    plan = json.loads(plan_path.read_text())
+    assert all(k.endswith("/32") for k in plan["keys"]) and (plan["residual"], plan["sink"]) == (32, 2)
+    rc, out, err = cli(capsys, *bare, "--force", "--group-k", "64")
+    assert_user_error(rc, err, "measured with group_k 32, not 64")
+    assert json.loads(plan_path.read_text()) == plan  # the earlier plan is kept
     # rotations chosen per layer with the widths (fisher); eval runs the plan
     rc, out, err = cli(capsys, *analyze, "--force", "--rotate", "auto")
     assert rc == 0, err
