@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,3 +26,17 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, script: str, args: list[st
                        text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and match in r.stderr and r.stderr.startswith(f"{script}: error:"), r.stderr
+
+
+def test_a_stale_install_is_refused(tmp_path: Path) -> None:
+    """A benchmark measures this checkout's code: a kvq_jax installed from other code (here a copy
+    with one file changed, first on the path) is one line and exit 2, not numbers of the old code."""
+    for pkg in ("kvq_jax", "pallas_kernels"):
+        shutil.copytree(ROOT / pkg, tmp_path / "site" / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(tmp_path / "site" / "kvq_jax" / "sampling.py", "a") as f:
+        f.write("# an older version\n")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "allocation.py"), "--text", "x.txt"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "kvq_jax/sampling.py differs" in r.stderr, r.stderr
