@@ -190,9 +190,9 @@ def test_codebook_allocation_errors(stats):
     with pytest.raises(KvqError, match="values stored after the Hadamard rotation"):
         allocate_detailed(stats, 2.5, method="fisher", rotate="prerope", value_codebooks=True, **KW)
     with pytest.raises(KvqError, match="no value codebooks"):
-        allocate_detailed(synthetic_stats(L=3), 2.5, method="fisher", rotate="hadamard", value_codebooks=True, **KW)
+        allocate_detailed(synthetic_stats(L=3), 2.5, method="fisher", rotate="hadamard", value_codebooks=True)
     with pytest.raises(KvqError, match="no key codebooks"):
-        allocate_detailed(synthetic_stats(L=3), 2.5, method="fisher", rotate="prerope", key_codebooks=True, **KW)
+        allocate_detailed(synthetic_stats(L=3), 2.5, method="fisher", rotate="prerope", key_codebooks=True)
     with pytest.raises(KvqError, match="use method 'fisher'"):
         allocate_detailed(stats, 2.5, method="norm", rotate="prerope", key_codebooks=True, **KW)
     with pytest.raises(KvqError, match="has 2 flags"):
