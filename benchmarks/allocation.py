@@ -51,8 +51,10 @@ def main() -> None:
                     help="score each uniform KbVb plan under each of these rotations")
     ap.add_argument("--uniform", nargs="+", default=None,
                     help="the uniform plans to score (default: those of each budget, K3V3 and K4V2 at 3)")
-    ap.add_argument("--group-k", type=int, default=64, help="key group (tokens per per-channel scale)")
-    ap.add_argument("--group-v", type=int, default=64, help="value group (channels per per-token scale)")
+    ap.add_argument("--group-k", type=int, default=None,
+                    help="key group (tokens per per-channel scale); default 64, or the saved statistics'")
+    ap.add_argument("--group-v", type=int, default=None,
+                    help="value group (channels per per-token scale); default 64, or the saved statistics'")
     ap.add_argument("--target-context", type=int, default=None,
                     help="also run each rule under a memory budget: bits per element the cache holds at this context")
     args = ap.parse_args()
@@ -67,16 +69,17 @@ def main() -> None:
         stats = KVStats.load(stats_path)
     else:
         stats = analyze(model, text_windows(tok, calib, args.calib_context or args.context, args.calib_windows),
-                        progress=True, batch=args.calib_batch, group_k=args.group_k, group_v=args.group_v,
+                        progress=True, batch=args.calib_batch, group_k=args.group_k or 64, group_v=args.group_v or 64,
                         meta={"calib_file": os.path.basename(args.text) + " (first half)"})
         stats.save(stats_path)
+    # Every plan uses the groups the statistics were measured with (the allocator refuses others).
+    groups = {g: getattr(args, g) or stats.meta.get(g, 64) for g in ("group_k", "group_v")}
     runs = []  # (label, method, budget, plan, data bits spent)
     for budget in args.budgets:
         for method in args.methods:
             if method == "uniform":
                 runs += [(spec + ("" if rot == "none" else f" {rot}"), method, budget,
-                          parse_kv(spec, model.cfg.n_layers, rotate=rot, group_k=args.group_k,
-                                   group_v=args.group_v), budget)
+                          parse_kv(spec, model.cfg.n_layers, rotate=rot, **groups), budget)
                          for spec in UNIFORM.get(budget, ()) if args.uniform is None or spec in args.uniform
                          for rot in args.uniform_rotations]
                 continue
@@ -86,14 +89,14 @@ def main() -> None:
             rot = ("" if args.rotate == "none" else f" rotate={args.rotate}") + (f" {tag}" if tag else "")
             books = dict(key_codebooks=False if args.codebooks == "none" else None,
                          value_codebooks=False if args.codebooks != "all" else None)
-            alloc = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name, rotate=args.rotate,
+            alloc = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name, rotate=args.rotate, **groups,
                                       **books)
             name = f"{'' if slug == 'smollm2' else slug + '_'}plan_{method}_{budget:g}"
             suffix = ("" if args.rotate == "none" else f"_{args.rotate}") + ("_" + tag.replace("-", "") if tag else "")
             alloc.plan.save(os.path.join(args.out_dir, name + suffix + ".json"))
             runs.append((method + rot, method, budget, alloc.plan, float(alloc.spent)))
             if args.target_context:  # the same average over the elements the cache really holds
-                mem = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name, rotate=args.rotate,
+                mem = allocate_detailed(stats, budget, method=method, model_name=model.cfg.name, rotate=args.rotate, **groups,
                                         **books,
                                         layer_tokens=layer_tokens_at(model.cfg, args.target_context))
                 runs.append((f"{method} memory@{args.target_context}{rot}", method, budget, mem.plan, float(mem.spent)))
