@@ -453,8 +453,10 @@ def _distortions(stats: KVStats, method: str, norm: str, widths: tuple[float, ..
     return kc[..., None] * g, vc[..., None] * g, kc, vc
 
 
-_GEOMETRY = {"key_axis": "channel", "value_axis": "token", "group_k": 64, "group_v": 64,
-             "scale_dtype": "bfloat16", "sink": 4, "residual": 128}
+_PLAN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(KVPlan)}
+_GROUP = next(f.default for f in dataclasses.fields(QuantSpec) if f.name == "group")
+_GEOMETRY = {"key_axis": "channel", "value_axis": "token", "group_k": _GROUP, "group_v": _GROUP,
+             **{k: _PLAN_DEFAULTS[k] for k in ("scale_dtype", "sink", "residual")}}
 # What the measured errors depend on: the quantizer's geometry, and for the Fisher errors the
 # cache protocol too (which tokens stay full precision).
 _MEASURED_UNDER = {"sensitivity": ("key_axis", "value_axis", "group_k", "group_v", "scale_dtype"),
