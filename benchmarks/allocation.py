@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 
-from kvq_jax.allocate import allocate_detailed, layer_tokens_at
+from kvq_jax.allocate import allocate_detailed, cache_geometry, layer_tokens_at
 from kvq_jax.analysis import analyze
 from kvq_jax.evaluate import evaluate_plans, text_windows
 from kvq_jax.loading import load
@@ -64,16 +64,18 @@ def main() -> None:
     calib, held_out = text[:half], text[half:]
     model, tok = load(args.model)
     slug = "smollm2" if args.model == "smollm2-135m" else os.path.basename(str(args.model)).split(".")[0]
+    given = {g: getattr(args, g) for g in ("group_k", "group_v") if getattr(args, g) is not None}
     stats_path = args.stats or os.path.join(args.out_dir, f"{slug}_stats.npz")
     if os.path.exists(stats_path):
         stats = KVStats.load(stats_path)
     else:
         stats = analyze(model, text_windows(tok, calib, args.calib_context or args.context, args.calib_windows),
-                        progress=True, batch=args.calib_batch, group_k=args.group_k or 64, group_v=args.group_v or 64,
+                        progress=True, batch=args.calib_batch, **given,
                         meta={"calib_file": os.path.basename(args.text) + " (first half)"})
         stats.save(stats_path)
     # Every plan uses the groups the statistics were measured with (the allocator refuses others).
-    groups = {g: getattr(args, g) or stats.meta.get(g, 64) for g in ("group_k", "group_v")}
+    geometry = cache_geometry(stats, "fisher", **given)
+    groups = {g: geometry[g] for g in ("group_k", "group_v")}
     runs = []  # (label, method, budget, plan, data bits spent)
     for budget in args.budgets:
         for method in args.methods:

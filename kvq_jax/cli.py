@@ -452,9 +452,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         from kvq_jax.evaluate import text_windows
 
         windows = text_windows(tok, _read_text(args.calib), args.context, args.windows)
-        geometry = {k: v for k, v in (("key_axis", args.key_axis), ("value_axis", args.value_axis),
-                                      ("group_k", args.group_k), ("group_v", args.group_v),
-                                      ("residual", args.residual), ("sink", args.sink)) if v is not None}
+        geometry = {k: getattr(args, k) for k in ("key_axis", "value_axis", "group_k", "group_v", "residual", "sink")
+                    if getattr(args, k) is not None}  # the rest: the analysis's (the cache's) defaults
         stats = analyze(model, windows, bits=bits, progress=not args.no_progress,
                         meta={"calib_file": str(args.calib)}, batch=args.batch, **geometry,
                         # Saved statistics serve any later plan: they get every rotation's errors.
