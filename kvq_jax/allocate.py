@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from fractions import Fraction
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -87,31 +87,9 @@ class Allocation:
         return float(np.sum(self.k_err) + np.sum(self.v_err))
 
 
-def allocate(
-    stats: KVStats,
-    budget: float,
-    *,
-    method: str = "sensitivity",
-    bits: tuple[float, ...] | None = None,
-    norm: str = "fro",
-    count_overhead: bool = False,
-    key_axis: str | None = None,
-    value_axis: str | None = None,
-    group_k: int | None = None,
-    group_v: int | None = None,
-    residual: int | None = None,
-    sink: int | None = None,
-    rotate: str | tuple[str, ...] = "none",
-    scale_dtype: str | None = None,
-    per_head: bool = False,
-    model_name: str | None = None,
-) -> KVPlan:
-    """Allocate widths under `budget` and return only the plan (arguments: see `allocate_detailed`)."""
-    return allocate_detailed(
-        stats, budget, method=method, bits=bits, norm=norm, count_overhead=count_overhead,
-        key_axis=key_axis, value_axis=value_axis, group_k=group_k, group_v=group_v, residual=residual,
-        sink=sink, rotate=rotate, scale_dtype=scale_dtype, per_head=per_head, model_name=model_name,
-    ).plan
+def allocate(stats: KVStats, budget: float, **options: Any) -> KVPlan:
+    """Allocate widths under `budget` and return only the plan (options: `allocate_detailed`'s)."""
+    return allocate_detailed(stats, budget, **options).plan
 
 
 def allocate_detailed(

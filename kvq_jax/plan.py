@@ -515,17 +515,25 @@ def parse_kv(
         return DenseKV(_DENSE_NAMES[text.lower()])
     try:
         m = _KV_RE.match(text)
-        if m:
-            kb, vb = _parse_bits(m.group(1)), _parse_bits(m.group(2))
-            return KVPlan.uniform(
-                n_layers, kb, vb,
-                key_axis=key_axis or "channel", value_axis=value_axis or "token",
-                group_k=64 if group_k is None else group_k, group_v=64 if group_v is None else group_v,
-                residual=128 if residual is None else residual, sink=4 if sink is None else sink,
-                rotate=rotate or "none",
-            ).replace(window_dtype=window_dtype or "compute")
+        plan = KVPlan.uniform(n_layers, _parse_bits(m.group(1)), _parse_bits(m.group(2))) if m else None
     except KvqError as e:
         raise KvqError(f"bad --kv {spec!r}: {e}") from None
+    if plan is None:
+        plan = _load_plan_file(spec, text, n_layers)
+    try:  # one override path for K<b>V<b> and plan files
+        return plan.replace(
+            keys=_override_specs(plan.keys, key_axis, group_k),
+            values=_override_specs(plan.values, value_axis, group_v),
+            residual=plan.residual if residual is None else residual,
+            sink=plan.sink if sink is None else sink,
+            rotate=plan.rotate if rotate is None else rotate,
+            window_dtype=plan.window_dtype if window_dtype is None else window_dtype,
+        )
+    except KvqError as e:
+        raise KvqError(f"bad --kv {spec!r}: {e}") from None
+
+
+def _load_plan_file(spec: str, text: str, n_layers: int) -> KVPlan:
     if not os.path.exists(text):
         if os.path.splitext(text)[1].lower() in (".json", ".yaml", ".yml") or os.sep in text:
             raise KvqError(f"bad --kv {spec!r}: plan file not found")
@@ -535,15 +543,4 @@ def parse_kv(
     plan = KVPlan.load(text)
     if plan.n_layers != n_layers:
         raise KvqError(f"plan file {text!r} has {plan.n_layers} layers, the model has {n_layers}")
-    try:
-        plan = plan.replace(
-            keys=_override_specs(plan.keys, key_axis, group_k),
-            values=_override_specs(plan.values, value_axis, group_v),
-            residual=plan.residual if residual is None else residual,
-            sink=plan.sink if sink is None else sink,
-            rotate=plan.rotate if rotate is None else rotate,
-            window_dtype=plan.window_dtype if window_dtype is None else window_dtype,
-        )
-    except KvqError as e:
-        raise KvqError(f"bad override for plan file {text!r}: {e}") from None
     return plan
