@@ -513,12 +513,13 @@ def parse_kv(
     text = spec.strip()
     if text.lower() in _DENSE_NAMES:
         return DenseKV(_DENSE_NAMES[text.lower()])
-    try:
-        m = _KV_RE.match(text)
-        plan = KVPlan.uniform(n_layers, _parse_bits(m.group(1)), _parse_bits(m.group(2))) if m else None
-    except KvqError as e:
-        raise KvqError(f"bad --kv {spec!r}: {e}") from None
-    if plan is None:
+    m = _KV_RE.match(text)
+    if m:
+        try:
+            plan = KVPlan.uniform(n_layers, _parse_bits(m.group(1)), _parse_bits(m.group(2)))
+        except KvqError as e:
+            raise KvqError(f"bad --kv {spec!r}: {e}") from None
+    else:
         plan = _load_plan_file(spec, text, n_layers)
     try:  # one override path for K<b>V<b> and plan files
         return plan.replace(
