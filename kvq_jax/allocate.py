@@ -32,6 +32,7 @@ float, so 2.3 means 23/10 and 16/6 means 8/3.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from fractions import Fraction
 from typing import Any, Sequence
@@ -431,10 +432,10 @@ def _distortions(stats: KVStats, method: str, norm: str, widths: tuple[float, ..
     return kc[..., None] * g, vc[..., None] * g, kc, vc
 
 
-_PLAN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(KVPlan)}
-_GROUP = next(f.default for f in dataclasses.fields(QuantSpec) if f.name == "group")
-_GEOMETRY = {"key_axis": "channel", "value_axis": "token", "group_k": _GROUP, "group_v": _GROUP,
-             **{k: _PLAN_DEFAULTS[k] for k in ("scale_dtype", "sink", "residual")}}
+# The default cache's geometry is `KVPlan.uniform`'s: one home for the axes, groups and protocol.
+_UNIFORM = inspect.signature(KVPlan.uniform).parameters
+_GEOMETRY = {k: _UNIFORM[k].default
+             for k in ("key_axis", "value_axis", "group_k", "group_v", "scale_dtype", "sink", "residual")}
 # What the measured errors depend on: the quantizer's geometry, and for the Fisher errors the
 # cache protocol too (which tokens stay full precision).
 _MEASURED_UNDER = {"sensitivity": ("key_axis", "value_axis", "group_k", "group_v", "scale_dtype"),
