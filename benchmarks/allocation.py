@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--stats", default=None,
                     help="statistics file to use, or to write (default: <out-dir>/<model>_stats.npz)")
     ap.add_argument("--calib-context", type=int, default=None, help="calibration window (default: --context)")
+    ap.add_argument("--score-from", type=int, default=0,
+                    help="fisher errors only at calibration positions >= this (see kvq-jax analyze --help)")
     ap.add_argument("--calib-batch", type=int, default=2, help="calibration windows per analysis pass")
     ap.add_argument("--rotate", default="none", choices=ROTATIONS + ("auto",),
                     help="the allocated plans' rotation (auto: per layer, fisher only)")
@@ -70,7 +72,7 @@ def main() -> None:
         stats = KVStats.load(stats_path)
     else:
         stats = analyze(model, text_windows(tok, calib, args.calib_context or args.context, args.calib_windows),
-                        progress=True, batch=args.calib_batch, **given,
+                        progress=True, batch=args.calib_batch, score_from=args.score_from, **given,
                         meta={"calib_file": os.path.basename(args.text) + " (first half)"})
         stats.save(stats_path)
     # Every plan uses the groups the statistics were measured with (the allocator refuses others).

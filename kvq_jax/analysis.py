@@ -102,7 +102,7 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
             key_axis: str = "channel", value_axis: str = "token", group_k: int = 64, group_v: int = 64,
             scale_dtype: str = "bfloat16", batch: int = 2, progress: bool = True,
             meta: dict | None = None, sink: int = 4, residual: int = 128, fisher: bool = True,
-            rotations: Sequence[str] | None = None) -> KVStats:
+            rotations: Sequence[str] | None = None, score_from: int = 0) -> KVStats:
     """Runs the model over calibration windows `[W, T]` and collects `KVStats`.
 
     With `fisher`, also the loss-aware errors `k_fisher_err`/`v_fisher_err` (see `kvq_jax.fisher`)
@@ -112,7 +112,9 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
     the allocator can choose the keys' and the values' rotation of each layer. With "prerope", also
     keys before RoPE with a learned codebook per layer and width (`kvq_jax.codebook`, widths in
     `plan.CODEBOOK_BITS`), and with "hadamard" values after the rotation with theirs: the levels are
-    learned on the same windows in a first pass.
+    learned on the same windows in a first pass. `score_from`: the Fisher errors count only queries at
+    window positions >= it, i.e. decoding after a prompt of that many tokens (0: every position; a
+    global layer's error grows with the quantized tokens it reads, so the tail weighs it more).
     """
     cfg = model.cfg
     bits = tuple(sorted(float(b) for b in bits))
@@ -133,12 +135,15 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
     block = max(groups, default=DEFAULT_BLOCK)  # the cache's flush block (KVPlan.block)
     if fisher and (sink < 0 or residual < block or residual % block):
         raise KvqError(f"residual {residual} must be a positive multiple of the block {block}, sink >= 0")
+    if fisher and not 0 <= score_from < t:
+        raise KvqError(f"--score-from must be in [0, {t}) for {t}-token calibration windows, got {score_from}")
     fisher = fisher and t > sink + residual  # shorter windows never read a quantized token
     # A layer is measured as the cache holds it: its own score scale and window; a local layer has no
     # sink (see cache.init_cache).
     geometry = [dict(scale=cfg.scale, window=cfg.window(i)) for i in range(cfg.n_layers)]
     fisher_kw = [dict(bits=bits, key_axis=key_axis, value_axis=value_axis, group_k=group_k, group_v=group_v,
-                      sink=0 if g["window"] else sink, residual=residual, block=block, scale_dtype=scale_dtype, **g)
+                      sink=0 if g["window"] else sink, residual=residual, block=block, scale_dtype=scale_dtype,
+                      score_from=score_from, **g)
                  for g in geometry]
     allowed = tuple(r for r in ROTATIONS if r != "hadamard" or cfg.head_dim & (cfg.head_dim - 1) == 0)
     bad = [r for r in (rotations or ()) if r not in allowed]
@@ -210,7 +215,7 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
     info.update(model=cfg.name, n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                 bits=list(bits), calib_windows=int(w), calib_tokens=int(w * t), key_axis=key_axis,
                 value_axis=value_axis, group_k=group_k, group_v=group_v, scale_dtype=scale_dtype,
-                sink=sink, residual=residual)
+                sink=sink, residual=residual, score_from=score_from)
     return KVStats(
         bits=np.asarray(bits, np.float64),
         k_fro=np.sqrt(k_sq), k_spec=k_sv[:, :, 0], v_fro=np.sqrt(v_sq), v_spec=v_sv[:, :, 0],

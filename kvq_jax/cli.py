@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--target-context", type=_positive_int,
                    help="read --budget per element the cache holds at this context (a memory budget: "
                         "sliding-window layers hold only their window); default: per layer element")
+    a.add_argument("--score-from", type=_nonneg_int,
+                   help="fisher: score only calibration positions >= this, i.e. decoding after a prompt of "
+                        "that many tokens (default 0: every position)")
     a.add_argument("--stats", help="reuse (or write) the statistics file (.npz)")
     a.add_argument("--out", required=True, help="plan JSON to write")
     a.add_argument("--report", help="directory for figures and report.md")
@@ -447,6 +450,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         stats = KVStats.load(stats_path)
         if stats.model_name != model.cfg.name or stats.n_layers != model.cfg.n_layers:
             raise KvqError(f"{stats_path} holds statistics of {stats.model_name!r}, not {model.cfg.name!r}")
+        measured = (stats.meta or {}).get("score_from", 0)
+        if args.score_from is not None and args.score_from != measured:
+            raise KvqError(f"{stats_path} was measured with --score-from {measured}, not {args.score_from} "
+                           "(drop --score-from, or write new statistics)")
     else:
         from kvq_jax.analysis import analyze
         from kvq_jax.evaluate import text_windows
@@ -456,6 +463,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                     if getattr(args, k) is not None}  # the rest: the analysis's (the cache's) defaults
         stats = analyze(model, windows, bits=bits, progress=not args.no_progress,
                         meta={"calib_file": str(args.calib)}, batch=args.batch, **geometry,
+                        score_from=args.score_from or 0,
                         # Saved statistics serve any later plan: they get every rotation's errors.
                         rotations=None if args.rotate == "auto" or stats_path is not None
                         else tuple(set(split_rotation(args.rotate)) - {"none"}))

@@ -81,7 +81,7 @@ Variant = tuple[Array | None, Array | None]  # (k_hat, v_hat) `[B, T, Hkv, D]`; 
 
 def attention_variants(q: Array, k: Array, v: Array, variants: Sequence[Variant],
                        span: tuple[Array, Array] | None, scale: float | None, window: int,
-                       reduce: Callable[[Array, Array, Array], Any]) -> Any:
+                       reduce: Callable[[Array, Array, Array], Any], first: int = 0) -> Any:
     """`reduce(a, out_fp, outs)` over blocks of queries starting at a: `out_fp [B, bq, Hq, D]` the
     full-precision attention, `outs [N, B, bq, Hq, D]` that of each of the N `variants` `(k_hat,
     v_hat)`, whose keys `[lo[t], hi[t])` replace k/v for query t (None: that tensor stays exact; q,
@@ -91,6 +91,7 @@ def attention_variants(q: Array, k: Array, v: Array, variants: Sequence[Variant]
     global layer, the keys up to the end of its band of blocks), so memory is linear in T and so is
     a window layer's work. Returns the results (any pytree) stacked `[n_blocks, ...]`; the last
     block's rows past T are padding (queries of zeros): `reduce` masks them (`query_rows(a, t)`).
+    Blocks whose queries all sit before position `first` are skipped (not in the result).
     """
     b, t, hq, d = q.shape
     hkv = k.shape[2]
@@ -130,12 +131,13 @@ def attention_variants(q: Array, k: Array, v: Array, variants: Sequence[Variant]
         outs = jnp.stack([variant(kh, vh) for kh, vh in variants])
         return reduce(a, out_fp.reshape(b, bq, hq, d), outs)
 
+    skip = min(first // bq, nb - 1)
     if window and window + bq - 1 < t:
-        return jax.lax.map(lambda i: block(i, window + bq - 1), jnp.arange(nb))
+        return jax.lax.map(lambda i: block(i, window + bq - 1), jnp.arange(skip, nb))
     # Band j: blocks [ends[j-1], ends[j]), whose queries see no key past ends[j] * bq.
     ends = sorted({-(-nb * (j + 1) // _CAUSAL_BANDS) for j in range(_CAUSAL_BANDS)})
-    parts = [jax.lax.map(lambda i, end=end: block(i, min(t, end * bq)), jnp.arange(first, end))
-             for first, end in zip([0] + ends[:-1], ends)]
+    parts = [jax.lax.map(lambda i, end=end: block(i, min(t, end * bq)), jnp.arange(max(lo_, skip), end))
+             for lo_, end in zip([0] + ends[:-1], ends) if end > skip]
     return jax.tree_util.tree_map(lambda *x: jnp.concatenate(x), *parts)
 
 
@@ -158,11 +160,13 @@ def mixed_attention(q: Array, k: Array, v: Array, k_hat: Array, v_hat: Array,
 
 
 def fisher_weighted_errors(q: Array, k: Array, v: Array, variants: Sequence[Variant], fisher: Array,
-                           span: tuple[Array, Array], scale: float | None = None, window: int = 0) -> Array:
+                           span: tuple[Array, Array], scale: float | None = None, window: int = 0,
+                           first: int = 0) -> Array:
     """`[N]`: `1/2 sum fisher * (mixed_attention(k_hat, v_hat) - attention)^2` per variant.
 
     variants as in `attention_variants`, fisher `[B, T, Hq, D]`; the other arguments as in
     `mixed_attention`. The full-precision scores are computed once per block for all variants.
+    `first`: fisher is zero before this position, so the query blocks wholly before it are skipped.
     """
     t = q.shape[1]
     bq, nb = _query_blocks(t)
@@ -172,7 +176,7 @@ def fisher_weighted_errors(q: Array, k: Array, v: Array, variants: Sequence[Vari
         f = jax.lax.dynamic_slice_in_dim(fw, a, bq, axis=1)
         return 0.5 * jnp.sum(f * (outs - out_fp) ** 2, axis=(1, 2, 3, 4))
 
-    return jnp.sum(attention_variants(q, k, v, variants, span, scale, window, reduce), axis=0)
+    return jnp.sum(attention_variants(q, k, v, variants, span, scale, window, reduce, first), axis=0)
 
 
 _NLL_BLOCK = 256  # positions whose logits [B, block, V] exist at once (Gemma's vocabulary is 262k)
@@ -217,13 +221,13 @@ def fisher_pass(graphdef, state, tokens: Array) -> tuple[Array, Array, tuple[Arr
 
 @functools.partial(jax.jit, static_argnames=("bits", "key_axis", "value_axis", "group_k", "group_v",
                                              "sink", "residual", "block", "scale_dtype", "scale", "window",
-                                             "rotate", "rope"))
+                                             "rotate", "rope", "score_from"))
 def layer_fisher_errors(q: Array, k: Array, v: Array, grad: Array, *, bits: tuple[float, ...],
                         key_axis: str, value_axis: str, group_k: int, group_v: int, sink: int,
                         residual: int, block: int, scale_dtype: str, scale: float | None = None,
                         window: int = 0, rotate: str = "none", rope: Rope | None = None,
-                        k_levels: Array | None = None, v_levels: Array | None = None
-                        ) -> tuple[Array | None, Array | None]:
+                        k_levels: Array | None = None, v_levels: Array | None = None,
+                        score_from: int = 0) -> tuple[Array | None, Array | None]:
     """`[nb]` Fisher-weighted errors of one layer's keys and of its values, summed over the batch.
 
     A sliding-window layer (`window` > 0) has no sink in the cache: pass `sink=0`. `rotate`
@@ -235,7 +239,9 @@ def layer_fisher_errors(q: Array, k: Array, v: Array, grad: Array, *, bits: tupl
     width `bits[j]` that takes one (`plan.CODEBOOK_BITS`, uniform codes at the others); only the
     keys are measured then (None is returned for the values). `v_levels [nb, 16]`: the same for the
     values (with `rotate` "hadamard": the codebook of the rotated values); only the values are
-    measured then (None is returned for the keys)."""
+    measured then (None is returned for the keys). `score_from`: only queries at positions >= it are
+    scored (where decoding after a `score_from`-token prompt reads the cache); the Fisher weights
+    still come from the whole window's NLL, which is what an error at those positions changes."""
     q, k, v, grad = (a.astype(jnp.float32) for a in (q, k, v, grad))
     k_qdq = v_qdq = qdq_body
     if rotate == "hadamard":
@@ -259,7 +265,9 @@ def layer_fisher_errors(q: Array, k: Array, v: Array, grad: Array, *, bits: tupl
     v_hats = [v_qdq(v, b, value_axis, group_v, sink, block, sd, book(v_levels, j, b))
               for j, b in enumerate(bits)] if values else []
     # one pass over the queries for every variant: keys quantized (values exact), then the reverse
+    weight = grad * grad * (jnp.arange(q.shape[1]) >= score_from)[None, :, None, None]
     errs = fisher_weighted_errors(q, k, v, [(kh, None) for kh in k_hats] + [(None, vh) for vh in v_hats],
-                                  grad * grad, protocol_span(q.shape[1], sink, residual, block), scale, window)
+                                  weight, protocol_span(q.shape[1], sink, residual, block), scale, window,
+                                  score_from)
     ke, ve = errs[:len(k_hats)], errs[len(k_hats):]
     return (ke if keys else None), (ve if values else None)

@@ -415,6 +415,10 @@ def test_analyze_writes_a_plan_that_eval_accepts(capsys, files, tmp_path):
     rc, out, err = cli(capsys, *bare, "--force", "--group-k", "64")
     assert_user_error(rc, err, "measured with group_k 32, not 64")
     assert json.loads(plan_path.read_text()) == plan  # the earlier plan is kept
+    # so with the positions the Fisher errors were scored at (all, here)
+    rc, out, err = cli(capsys, *bare, "--force", "--score-from", "48")
+    assert_user_error(rc, err, "was measured with --score-from 0, not 48")
+    assert json.loads(plan_path.read_text()) == plan
     # rotations chosen per layer with the widths (fisher); eval runs the plan
     rc, out, err = cli(capsys, *analyze, "--force", "--rotate", "auto")
     assert rc == 0, err

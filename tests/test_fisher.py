@@ -270,3 +270,32 @@ def test_auto_rotation_allocates_with_the_rotated_errors(stats):
     # an all-rotated allocation's predicted errors are read from the Hadamard tables
     idx = [list(stats.bits).index(b) for b in rotated.k_bits]
     np.testing.assert_allclose(rotated.k_err, stats.k_fisher_err_hadamard[np.arange(CFG.n_layers), idx])
+
+
+@pytest.mark.parametrize("window,score_from", [(0, 100), (0, 128), (48, 100), (48, 0)])
+def test_score_from_counts_only_the_tail_queries(model, windows, window, score_from):
+    """`score_from` s: the error is the Fisher-weighted squared error of queries at positions >= s only
+    (the dense formula over those rows; the query blocks before s are skipped, in global and sliding
+    layers), and analyze records it in the statistics' meta."""
+    rng = np.random.default_rng(2)
+    b, t, h, d = 1, 160, 1, 32
+    q, k, v, grad = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32) for _ in range(4))
+    kw = dict(bits=(2.0,), key_axis="channel", value_axis="token", group_k=32, group_v=32, sink=0,
+              residual=32, block=32, scale_dtype="float32", window=window)
+    span = fisher.protocol_span(t, 0, 32, 32)
+    k_hat = fisher.qdq_body(k, 2.0, "channel", 32, 0, 32, jnp.float32)
+    err = (fisher.mixed_attention(q, k, v, k_hat, v, span, window=window)
+           - fisher.mixed_attention(q, k, v, k, v, None, window=window)) ** 2
+    per_row = 0.5 * jnp.sum(grad ** 2 * err, axis=(0, 2, 3))  # [T]
+    whole, _ = fisher.layer_fisher_errors(q, k, v, grad, **kw)
+    tail, _ = fisher.layer_fisher_errors(q, k, v, grad, score_from=score_from, **kw)
+    np.testing.assert_allclose(float(whole[0]), float(per_row.sum()), rtol=1e-4)
+    np.testing.assert_allclose(float(tail[0]), float(per_row[score_from:].sum()), rtol=1e-4)
+    assert 0 < float(tail[0]) <= float(whole[0])
+    if window or score_from != 100:
+        return
+    st = analyze(model, windows, bits=(2, 4), group_k=32, group_v=32, residual=32, sink=2, progress=False,
+                 rotations=("none",), score_from=96)
+    assert st.meta["score_from"] == 96 and np.all(st.k_fisher_err > 0)
+    with pytest.raises(KvqError, match="--score-from must be in"):
+        analyze(model, windows, bits=(2,), group_k=32, group_v=32, residual=32, progress=False, score_from=128)
