@@ -113,8 +113,7 @@ def analyze(model: Transformer, windows: np.ndarray, *, bits: Sequence[float] = 
     keys before RoPE with a learned codebook per layer and width (`kvq_jax.codebook`, widths in
     `plan.CODEBOOK_BITS`), and with "hadamard" values after the rotation with theirs: the levels are
     learned on the same windows in a first pass. `score_from`: the Fisher errors count only queries at
-    window positions >= it, i.e. decoding after a prompt of that many tokens (0: every position; a
-    global layer's error grows with the quantized tokens it reads, so the tail weighs it more).
+    window positions >= it, i.e. decoding after a prompt of that many tokens (0: every position).
     """
     cfg = model.cfg
     bits = tuple(sorted(float(b) for b in bits))

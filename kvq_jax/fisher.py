@@ -166,10 +166,11 @@ def fisher_weighted_errors(q: Array, k: Array, v: Array, variants: Sequence[Vari
 
     variants as in `attention_variants`, fisher `[B, T, Hq, D]`; the other arguments as in
     `mixed_attention`. The full-precision scores are computed once per block for all variants.
-    `first`: fisher is zero before this position, so the query blocks wholly before it are skipped.
+    `first`: only queries at positions >= it count (the blocks wholly before it are skipped).
     """
     t = q.shape[1]
     bq, nb = _query_blocks(t)
+    fisher = fisher * (jnp.arange(t) >= first)[None, :, None, None]
     fw = jnp.pad(fisher, ((0, 0), (0, nb * bq - t), (0, 0), (0, 0)))  # padded rows weigh 0
 
     def reduce(a: Array, out_fp: Array, outs: Array) -> Array:
@@ -265,9 +266,8 @@ def layer_fisher_errors(q: Array, k: Array, v: Array, grad: Array, *, bits: tupl
     v_hats = [v_qdq(v, b, value_axis, group_v, sink, block, sd, book(v_levels, j, b))
               for j, b in enumerate(bits)] if values else []
     # one pass over the queries for every variant: keys quantized (values exact), then the reverse
-    weight = grad * grad * (jnp.arange(q.shape[1]) >= score_from)[None, :, None, None]
     errs = fisher_weighted_errors(q, k, v, [(kh, None) for kh in k_hats] + [(None, vh) for vh in v_hats],
-                                  weight, protocol_span(q.shape[1], sink, residual, block), scale, window,
+                                  grad * grad, protocol_span(q.shape[1], sink, residual, block), scale, window,
                                   score_from)
     ke, ve = errs[:len(k_hats)], errs[len(k_hats):]
     return (ke if keys else None), (ve if values else None)
