@@ -273,10 +273,10 @@ def test_auto_rotation_allocates_with_the_rotated_errors(stats):
 
 
 @pytest.mark.parametrize("window,score_from", [(0, 100), (0, 128), (48, 100), (48, 0)])
-def test_score_from_counts_only_the_tail_queries(model, windows, window, score_from):
+def test_score_from_counts_only_the_tail_queries(window, score_from):
     """`score_from` s: the error is the Fisher-weighted squared error of queries at positions >= s only
     (the dense formula over those rows; the query blocks before s are skipped, in global and sliding
-    layers), and analyze records it in the statistics' meta."""
+    layers)."""
     rng = np.random.default_rng(2)
     b, t, h, d = 1, 160, 1, 32
     q, k, v, grad = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32) for _ in range(4))
@@ -292,8 +292,9 @@ def test_score_from_counts_only_the_tail_queries(model, windows, window, score_f
     np.testing.assert_allclose(float(whole[0]), float(per_row.sum()), rtol=1e-4)
     np.testing.assert_allclose(float(tail[0]), float(per_row[score_from:].sum()), rtol=1e-4)
     assert 0 < float(tail[0]) <= float(whole[0])
-    if window or score_from != 100:
-        return
+
+
+def test_analyze_records_score_from_and_checks_its_range(model, windows):
     st = analyze(model, windows, bits=(2, 4), group_k=32, group_v=32, residual=32, sink=2, progress=False,
                  rotations=("none",), score_from=96)
     assert st.meta["score_from"] == 96 and np.all(st.k_fisher_err > 0)
