@@ -442,20 +442,23 @@ _MEASURED_UNDER = {"sensitivity": ("key_axis", "value_axis", "group_k", "group_v
                    "fisher": tuple(_GEOMETRY)}
 
 
-def cache_geometry(stats: KVStats, method: str, **given: object) -> dict:
+def cache_geometry(stats: KVStats, method: str | Sequence[str], **given: object) -> dict:
     """The plan's cache geometry: each field as given, else as the statistics were measured (their
     `meta`), else the cache's default. A rule that reads measured errors refuses a field that differs
-    from the one they were measured under: those errors would describe another cache."""
+    from the one they were measured under: those errors would describe another cache. `method` may
+    name several rules (plans of one geometry for each): any of them refuses."""
     meta = stats.meta or {}
+    methods = (method,) if isinstance(method, str) else tuple(method)
     out = {}
     for name, default in _GEOMETRY.items():
         value = given.get(name)
         measured = meta.get(name)
         if value is None:
             value = default if measured is None else measured
-        elif measured is not None and name in _MEASURED_UNDER.get(method, ()) and value != measured:
+        elif measured is not None and value != measured and (
+                rule := next((m for m in methods if name in _MEASURED_UNDER.get(m, ())), None)):
             flag = "--" + name.replace("_", "-")
-            raise KvqError(f"the statistics were measured with {name} {measured!r}, not {value!r}: the {method} "
+            raise KvqError(f"the statistics were measured with {name} {measured!r}, not {value!r}: the {rule} "
                            f"rule's errors hold only for that cache (drop {flag}, or re-run the analysis with it)")
         out[name] = value
     return out

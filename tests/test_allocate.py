@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvq_jax.allocate import METHODS, allocate, allocate_detailed
+from kvq_jax.allocate import METHODS, allocate, allocate_detailed, cache_geometry
 from kvq_jax.errors import KvqError
 from kvq_jax.plan import KVPlan, QuantSpec
 from kvq_jax.stats import KVStats, synthetic_stats
@@ -127,6 +127,13 @@ def test_geometry_comes_from_the_statistics_and_measured_rules_refuse_another():
     # the attention-output errors do not depend on which tokens the cache keeps exact
     assert allocate(s, 3.0, method="sensitivity", residual=256).residual == 256
     assert {k.group for k in allocate(s, 3.0, method="norm", group_k=128).keys} == {128}
+    # one geometry for plans of several rules: any rule that reads measured errors refuses
+    assert cache_geometry(s, ("norm", "weight-norm"), group_k=64)["group_k"] == 64
+    with pytest.raises(KvqError, match="the sensitivity rule's errors"):
+        cache_geometry(s, ("norm", "sensitivity"), group_k=64)
+    assert cache_geometry(s, ["norm", "sensitivity"], residual=256)["residual"] == 256
+    with pytest.raises(KvqError, match="the fisher rule's errors"):
+        cache_geometry(s, ["norm", "sensitivity", "fisher"], residual=256)
 
 
 def test_unmeasured_widths_allowed_for_norm_rule_and_16_bits_for_sensitivity():
