@@ -39,8 +39,9 @@ def main() -> None:
     ap.add_argument("--stats", default=None,
                     help="statistics file to use, or to write (default: <out-dir>/<model>_stats.npz)")
     ap.add_argument("--calib-context", type=int, default=None, help="calibration window (default: --context)")
-    ap.add_argument("--score-from", type=int, default=0,
-                    help="fisher errors only at calibration positions >= this (see kvq-jax analyze --help)")
+    ap.add_argument("--score-from", type=int, default=None,
+                    help="fisher errors only at calibration positions >= this (see kvq-jax analyze --help; "
+                         "default 0, or as saved statistics were measured)")
     ap.add_argument("--calib-batch", type=int, default=2, help="calibration windows per analysis pass")
     ap.add_argument("--rotate", default="none", choices=ROTATIONS + ("auto",),
                     help="the allocated plans' rotation (auto: per layer, fisher only)")
@@ -70,9 +71,10 @@ def main() -> None:
     stats_path = args.stats or os.path.join(args.out_dir, f"{slug}_stats.npz")
     if os.path.exists(stats_path):
         stats = KVStats.load(stats_path)
+        stats.check_reuse(stats_path, model.cfg.name, model.cfg.n_layers, args.score_from)
     else:
         stats = analyze(model, text_windows(tok, calib, args.calib_context or args.context, args.calib_windows),
-                        progress=True, batch=args.calib_batch, score_from=args.score_from, **given,
+                        progress=True, batch=args.calib_batch, score_from=args.score_from or 0, **given,
                         meta={"calib_file": os.path.basename(args.text) + " (first half)"})
         stats.save(stats_path)
     # Every plan uses the groups the statistics were measured with, unless given; a rule that reads

@@ -448,12 +448,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     model, tok = _load(args)
     if stats_path is not None and stats_path.exists():
         stats = KVStats.load(stats_path)
-        if stats.model_name != model.cfg.name or stats.n_layers != model.cfg.n_layers:
-            raise KvqError(f"{stats_path} holds statistics of {stats.model_name!r}, not {model.cfg.name!r}")
-        measured = (stats.meta or {}).get("score_from", 0)
-        if args.score_from is not None and args.score_from != measured:
-            raise KvqError(f"{stats_path} was measured with --score-from {measured}, not {args.score_from} "
-                           "(drop --score-from, or write new statistics)")
+        stats.check_reuse(stats_path, model.cfg.name, model.cfg.n_layers, args.score_from)
     else:
         from kvq_jax.analysis import analyze
         from kvq_jax.evaluate import text_windows

@@ -287,6 +287,17 @@ class KVStats:
         except OSError as e:
             raise KvqError(f"cannot write KV stats to {path}: {e.strerror or e}") from None
 
+    def check_reuse(self, path: str | os.PathLike, model_name: str, n_layers: int,
+                    score_from: int | None = None) -> None:
+        """Refuse statistics saved at `path` for another model, or measured with another `score_from`
+        (None: any) than the one asked for; KvqError (one line)."""
+        if self.model_name != model_name or self.n_layers != n_layers:
+            raise KvqError(f"{path} holds statistics of {self.model_name!r}, not {model_name!r}")
+        measured = self.meta.get("score_from", 0)
+        if score_from is not None and score_from != measured:
+            raise KvqError(f"{path} was measured with --score-from {measured}, not {score_from} "
+                           "(drop --score-from, or write new statistics)")
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> "KVStats":
         """Read and validate a file written by `save`; any problem -> KvqError (one line)."""

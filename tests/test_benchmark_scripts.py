@@ -59,7 +59,8 @@ def test_needle_group_overrides_are_checked(tmp_path: Path) -> None:
 
 def test_allocation_groups_are_refused_only_by_rules_that_read_measured_errors(tmp_path: Path) -> None:
     """Saved statistics measured with 32-token key groups: a norm-only run may plan for 64-token groups
-    (its rule reads norms, not measured errors); a fisher run is refused, one line and exit 2."""
+    (its rule reads norms, not measured errors); a fisher run is refused, one line and exit 2, and so
+    is any run asking for Fisher errors scored from another position than the statistics were."""
     from conftest import smollm2_path
 
     if smollm2_path() is None:
@@ -79,3 +80,7 @@ def test_allocation_groups_are_refused_only_by_rules_that_read_measured_errors(t
     r = run("norm", "fisher", "--group-k", "64")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "measured with group_k 32, not 64" in r.stderr
+    # nor are saved statistics reused for Fisher errors scored at other positions
+    r = run("norm", "--score-from", "64")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "was measured with --score-from 0, not 64" in r.stderr
